@@ -1,0 +1,43 @@
+"""streammerge: merge fine-tuned checkpoints of one architecture without holding a model.
+
+The package reads like the pipeline (DESIGN.md §1)::
+
+    config      YAML -> frozen MergeConfig (key paths in every error)
+    header      the safetensors format: parse/validate, encode like save_file
+    checkpoint  a model on disk -> {name: TensorRef}; read element ranges
+    plan        config + headers -> Plan(jobs, layout, estimate); never imports torch
+    methods/    torch-free specs + pure torch kernels, one module per family
+    execute     run a plan chunk by chunk within --max-memory (reader/compute/writer)
+    write       OUT.partial/, pwrite at planned offsets, manifest, atomic rename; verify
+    cli         click commands: parse -> one library call -> render
+    demo        small deterministic Llama-shaped checkpoints and configs
+    errors      the one-line error family
+
+Front door: ``merge(config, out, **options)``, ``plan(config)``, ``verify(out)``.
+"""
+
+__version__ = "0.1.0"
+
+# Import the torch-free ``plan`` module before defining the ``plan`` function: the import
+# system binds a submodule onto its package only on first import, so the function below
+# keeps the name while ``import streammerge.plan`` still finds the module.
+from . import plan as _plan_module  # noqa: E402
+
+
+def plan(config, **options):
+    """Plan a merge (see ``streammerge.plan.make_plan``); reads headers only."""
+    return _plan_module.make_plan(config, **options)
+
+
+def merge(config, out, **options):
+    """Run a merge into directory ``out`` (see ``streammerge.execute.merge``)."""
+    from .execute import merge as _merge
+
+    return _merge(config, out, **options)
+
+
+def verify(out):
+    """Re-hash a finished merge against its manifest (see ``streammerge.write.verify``)."""
+    from .write import verify as _verify
+
+    return _verify(out)

@@ -1,0 +1,275 @@
+"""The command line: each command parses, makes one library call, and renders.
+
+Errors the user can fix (``StreamMergeError``) print one ``error:`` line and exit 2
+(``verify`` finding damage exits 1); anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import click
+
+from .config import parse_size
+from .errors import StreamMergeError, VerifyError
+
+# OpenMP spinning collapses under competing load (reference/kernels.md §3); set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+class ByteSize(click.ParamType):
+    name = "SIZE"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+SIZE = ByteSize()
+
+
+def _friendly(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except VerifyError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except StreamMergeError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; nothing was written to the output", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="streammerge")
+def main() -> None:
+    """Merge fine-tuned checkpoints of one architecture in bounded memory."""
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option(
+    "--max-memory",
+    type=SIZE,
+    default=None,
+    help="Bytes of tensor buffers to use, e.g. 512MiB or 8GiB.  [default: half of"
+    " available memory, at most 8GiB]",
+)
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Torch threads for the math.  [default: all cores]",
+)
+@click.option(
+    "--shard-size",
+    "--out-shard-size",
+    "shard_size",
+    type=SIZE,
+    default="5GB",
+    help="Largest output shard, in bytes.",
+)
+@click.option("--seed", type=int, default=0, help="Seed for methods that sample.")
+@click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
+@click.option(
+    "--copy-tokenizer/--no-copy-tokenizer",
+    default=True,
+    help="Copy tokenizer files from tokenizer_source (else the base).",
+)
+@click.option(
+    "--allow-crimes", is_flag=True, hidden=True, help="Accepted for mergekit compatibility; no effect."
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@_friendly
+def merge(
+    config,
+    out,
+    max_memory,
+    device,
+    threads,
+    shard_size,
+    seed,
+    force,
+    copy_tokenizer,
+    allow_crimes,
+    no_progress,
+) -> None:
+    """Merge the models in CONFIG (mergekit YAML) into the directory OUT.
+
+    Example: streammerge merge configs/linear.yml merged --max-memory 2GiB
+    """
+    from .execute import merge as run_merge
+
+    summary = run_merge(
+        config,
+        out,
+        max_memory=max_memory or 0,
+        shard_nbytes=shard_size,
+        threads=threads,
+        device=device,
+        seed=seed,
+        force=force,
+        copy_tokenizer=copy_tokenizer,
+        progress=not no_progress and sys.stderr.isatty(),
+    )
+    click.echo(summary.line())
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--max-memory", type=SIZE, default=None, help="Budget to plan for.")
+@click.option("--shard-size", "--out-shard-size", "shard_size", type=SIZE, default="5GB")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@_friendly
+def plan(config, max_memory, shard_size, as_json) -> None:
+    """Check CONFIG against the models' headers and show what a merge would do.
+
+    Reads no tensor data. Example: streammerge plan configs/linear.yml --max-memory 1GiB
+    """
+    from .plan import make_plan
+
+    p = make_plan(config, max_memory=max_memory or 0, shard_nbytes=shard_size)
+    d = p.to_dict()
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    gib = 1 << 30
+    click.echo(f"method        {d['merge_method']}  (plan {d['plan_hash']})")
+    click.echo(f"models        {', '.join(d['models'])}")
+    click.echo(f"base          {d['base_model'] or '-'}")
+    click.echo(f"tensors       {d['tensors']} in {len(d['shards'])} shard(s)")
+    click.echo(f"read / write  {d['read_nbytes'] / gib:.2f} GiB / {d['write_nbytes'] / gib:.2f} GiB")
+    click.echo(
+        f"memory        {d['estimated_peak_nbytes'] / (1 << 20):.0f} MiB of tensor buffers"
+        f" (budget {d['max_memory'] / (1 << 20):.0f} MiB, chunks of {d['chunk_elems']:,} elements)"
+    )
+    for s in d["shards"]:
+        click.echo(f"  {s['file']}  {s['nbytes'] / gib:.2f} GiB  {s['tensors']} tensors")
+
+
+@main.command()
+@click.argument("model", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print every tensor as JSON.")
+@_friendly
+def inspect(model, as_json) -> None:
+    """Show a model's tensors, dtypes, shapes, shards and architecture (headers only).
+
+    Example: streammerge inspect demo-out/models/base
+    """
+    from collections import Counter
+
+    from .checkpoint import open_checkpoint
+
+    ck = open_checkpoint(model)
+    cfg = ck.config or {}
+    if as_json:
+        doc = {
+            "path": ck.path,
+            "architectures": cfg.get("architectures"),
+            "files": [{"path": f.path, "nbytes": f.nbytes} for f in ck.files],
+            "tensors": {
+                n: {"dtype": t.dtype, "shape": list(t.shape), "file": os.path.basename(t.path)}
+                for n, t in ck.tensors.items()
+            },
+        }
+        click.echo(json.dumps(doc, indent=2))
+        return
+    total = sum(t.nbytes for t in ck.tensors.values())
+    params = sum(t.numel for t in ck.tensors.values())
+    dtypes = Counter(t.dtype for t in ck.tensors.values())
+    click.echo(f"model         {ck.path}")
+    click.echo(
+        f"architecture  {', '.join(cfg.get('architectures') or ['unknown'])}"
+        f" ({cfg.get('num_hidden_layers', '?')} layers, hidden {cfg.get('hidden_size', '?')})"
+    )
+    click.echo(
+        f"tensors       {len(ck.tensors)}, {params / 1e9:.3f} B parameters, {total / (1 << 30):.2f} GiB"
+    )
+    click.echo(f"dtypes        {', '.join(f'{d} x{n}' for d, n in dtypes.most_common())}")
+    click.echo(f"files         {len(ck.files)}")
+    for f in ck.files:
+        click.echo(f"  {os.path.basename(f.path)}  {f.nbytes / (1 << 30):.2f} GiB")
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@_friendly
+def verify(out) -> None:
+    """Re-hash a finished merge against its streammerge.json; exit 1 naming the first
+    damaged shard or tensor.
+
+    Example: streammerge verify merged
+    """
+    from .write import verify as run_verify
+
+    n = run_verify(out)
+    click.echo(f"ok: {n} tensors in {out} match the manifest")
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False), default="demo-out")
+@click.option("--max-memory", type=SIZE, default="64MiB")
+@_friendly
+def demo(out, max_memory) -> None:
+    """Make three small Llama-shaped checkpoints in OUT/models, merge them (linear) into
+    OUT/merged, verify the result and print a summary. Downloads nothing.
+
+    Example: streammerge demo demo-out
+    """
+    from pathlib import Path
+
+    from .demo import DEMO_CONFIG, make_demo_models
+    from .execute import merge as run_merge
+    from .write import verify as run_verify
+
+    root = Path(out)
+    models = make_demo_models(root)
+    click.echo(f"checkpoints   {', '.join(str(p) for p in models.values())}")
+    cfg = root / "merge.yml"
+    cfg.write_text(DEMO_CONFIG.format(root=root))
+    click.echo(f"config        {cfg}")
+    summary = run_merge(cfg, root / "merged", max_memory=max_memory, force=True, progress=sys.stderr.isatty())
+    click.echo(summary.line())
+    n = run_verify(root / "merged")
+    click.echo(f"verified      {n} tensors match {root / 'merged' / 'streammerge.json'}")
+    click.echo(_demo_sample(models, root / "merged"))
+
+
+def _demo_sample(models, merged) -> str:
+    """One tensor's first values in each input and the output, checked by hand."""
+    import numpy as np
+
+    from .checkpoint import Reader, open_checkpoint
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    reader = Reader()
+    vals = {}
+    for label, path in [*models.items(), ("merged", merged)]:
+        ref = open_checkpoint(path).tensors[name]
+        buf = np.empty(4 * 2, np.uint8)
+        reader.read(ref, 0, 4, memoryview(buf))
+        vals[label] = (buf.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    reader.close()
+    expect = 0.4 * vals["ft1"] + 0.4 * vals["ft2"] + 0.2 * vals["base"]
+    rows = [f"{k:<7} {np.array2string(v, precision=5)}" for k, v in vals.items()]
+    ok = np.allclose(vals["merged"], expect, rtol=1e-2)
+    rows.append(
+        f"check   0.4*ft1 + 0.4*ft2 + 0.2*base = {np.array2string(expect, precision=5)}"
+        f" -> {'matches' if ok else 'MISMATCH'} (bf16)"
+    )
+    return f"sample        {name}[:4]\n  " + "\n  ".join(rows)

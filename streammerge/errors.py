@@ -1,0 +1,37 @@
+"""The one error family. Each message is one line: where, what, got vs expected.
+
+The CLI prints ``error: <message>`` and exits 2 for these; anything else is a bug
+and keeps its traceback.
+"""
+
+
+class StreamMergeError(Exception):
+    """A problem with the user's input or environment, reported as one line."""
+
+
+class ConfigError(StreamMergeError):
+    """The merge config is wrong: bad YAML, unknown key, wrong type, bad value.
+
+    Messages start with the config file and the key path, e.g.
+    ``merge.yml: models[1].parameters.weight: expected a number, got 'abc'``.
+    """
+
+
+class CheckpointError(StreamMergeError):
+    """A model on disk is missing, unreadable, truncated or malformed."""
+
+
+class ShapeError(StreamMergeError):
+    """Input tensors that must agree (names, shapes, dtypes) do not."""
+
+
+class BudgetError(StreamMergeError):
+    """The memory budget or a size argument cannot work for this plan."""
+
+
+class OutputError(StreamMergeError):
+    """The output location is unusable: exists, not empty, not writable, stale partial."""
+
+
+class VerifyError(StreamMergeError):
+    """A finished merge does not match its manifest (``streammerge verify``)."""

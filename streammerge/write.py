@@ -1,0 +1,247 @@
+"""Output: shards preallocated in ``OUT.partial/``, bytes ``pwrite``n at planned offsets,
+then config/tokenizer/index/manifest, fsync, and an atomic rename to ``OUT/``.
+
+Nothing that loads as a model exists at ``OUT/`` until the merge is complete. The
+manifest ``streammerge.json`` records the plan hash, the inputs' fingerprints and a
+sha256 of every shard header and every tensor, which ``verify`` re-checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from . import __version__
+from .checkpoint import open_checkpoint
+from .config import DTYPE_TORCH_NAMES
+from .errors import OutputError, VerifyError
+from .header import FLOAT_DTYPES, read_header
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "streammerge.json"
+INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja",
+    "chat_template.json", "generation_config.json",
+)  # fmt: skip
+
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+class OutputWriter:
+    """Owns ``OUT.partial/`` for one merge: preflight, shard files, hashes, commit."""
+
+    def __init__(self, out: Path, plan, *, force: bool = False, copy_tokenizer: bool = True):
+        self.out, self.plan, self.force, self.copy_tokenizer = out, plan, force, copy_tokenizer
+        self.partial = partial_dir(out)
+        self._preflight()
+        self.partial.mkdir(parents=True)
+        self.digests: dict[str, str] = {}
+        self._hashers: dict[str, object] = {}
+        self._fds = []
+        for shard in plan.layout.shards:
+            fd = os.open(self.partial / shard.file_name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            os.ftruncate(fd, shard.nbytes)
+            _pwrite_all(fd, memoryview(shard.header), 0, self.partial / shard.file_name)
+
+    def _preflight(self) -> None:
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"{out}: exists and is not a directory")
+        if out.is_dir() and any(out.iterdir()) and not self.force:
+            raise OutputError(f"{out}: directory exists and is not empty; pass --force to replace it")
+        if self.partial.exists():
+            raise OutputError(
+                f"{self.partial}: left by an earlier, unfinished merge; delete it to start over"
+            )
+        parent = out.absolute().parent
+        if not parent.is_dir():
+            raise OutputError(f"{parent}: output's parent directory does not exist")
+        if not os.access(parent, os.W_OK):
+            raise OutputError(f"{parent}: not writable")
+        need = self.plan.layout.nbytes
+        free = shutil.disk_usage(parent).free
+        if free < need + (64 << 20):
+            raise OutputError(
+                f"{parent}: not enough free space: the merge writes {need} bytes, {free} are free"
+            )
+
+    def write_chunk(self, job, start: int, end: int, data: memoryview) -> None:
+        """Write elements ``[start, end)`` of ``job``'s tensor; chunks come in order."""
+        from .header import ITEMSIZE
+
+        fd = self._fds[job.shard]
+        offset = job.offset + start * ITEMSIZE[job.out_dtype]
+        _pwrite_all(fd, data, offset, self.partial / self.plan.layout.shards[job.shard].file_name)
+        h = self._hashers.get(job.name)
+        if h is None:
+            h = self._hashers[job.name] = hashlib.sha256()
+        h.update(data)
+        if end == job.numel:
+            self.digests[job.name] = self._hashers.pop(job.name).hexdigest()
+
+    def commit(self, digests: dict[str, str]) -> None:
+        plan = self.plan
+        for fd in self._fds:
+            os.fsync(fd)
+            os.close(fd)
+        self._fds = []
+        shards = plan.layout.shards
+        if len(shards) > 1:
+            weight_map = {name: s.file_name for s in shards for name in s.tensors}
+            index = {"metadata": {"total_size": plan.estimate.write_nbytes}, "weight_map": weight_map}
+            _write_text(self.partial / INDEX, json.dumps(index, indent=2))
+        self._write_config()
+        if self.copy_tokenizer:
+            self._copy_tokenizer()
+        _write_text(self.partial / "README.md", self._model_card())
+        _write_text(self.partial / MANIFEST, json.dumps(self._manifest(digests), indent=2) + "\n")
+        _fsync_dir(self.partial)
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(f"{self.out.name}.old-{os.getpid()}")
+            os.rename(self.out, old)
+        os.rename(self.partial, self.out)
+        _fsync_dir(self.out.absolute().parent)
+        if old is not None:
+            shutil.rmtree(old)
+
+    def abort(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    def _write_config(self) -> None:
+        donor = open_checkpoint(self.plan.donor)
+        if donor.config is None:
+            return
+        cfg = dict(donor.config)
+        dtypes = {j.out_dtype for j in self.plan.jobs if j.out_dtype in FLOAT_DTYPES}
+        if len(dtypes) == 1:
+            name = DTYPE_TORCH_NAMES[dtypes.pop()]
+            cfg["torch_dtype"] = name
+            if "dtype" in cfg:  # transformers v5 spelling
+                cfg["dtype"] = name
+        _write_text(self.partial / "config.json", json.dumps(cfg, indent=2) + "\n")
+
+    def _copy_tokenizer(self) -> None:
+        src = open_checkpoint(self.plan.tokenizer_from).directory
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, self.partial / name)
+
+    def _model_card(self) -> str:
+        cfg = self.plan.config
+        models = "\n".join(f"- `{m.model}`" for m in cfg.models)
+        return (
+            f"---\ntags:\n- merge\n- streammerge\n---\n# Merged model\n\n"
+            f"Made with streammerge {__version__} using `{cfg.merge_method}`"
+            f"{f' on base `{cfg.base_model}`' if cfg.base_model else ''}.\n\n"
+            f"## Models\n\n{models}\n\n## Configuration\n\n```json\n"
+            f"{json.dumps(cfg.to_dict(), indent=2)}\n```\n"
+        )
+
+    def _manifest(self, digests: dict[str, str]) -> dict:
+        plan = self.plan
+        return {
+            "streammerge_version": __version__,
+            "plan_hash": plan.plan_hash,
+            "seed": plan.seed,
+            "config": plan.config.to_dict(),
+            "inputs": [
+                {"path": f.path, "nbytes": f.nbytes, "mtime_ns": f.mtime_ns} for f in plan.fingerprints
+            ],
+            "shards": [
+                {
+                    "file": s.file_name,
+                    "nbytes": s.nbytes,
+                    "header_sha256": hashlib.sha256(s.header).hexdigest(),
+                }
+                for s in plan.layout.shards
+            ],
+            "tensors": {
+                j.name: {"shard": plan.layout.shards[j.shard].file_name, "sha256": digests[j.name]}
+                for j in plan.jobs
+            },
+        }
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
+    done = 0
+    try:
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+    except OSError as e:
+        raise OutputError(f"{path}: write failed at byte {offset + done}: {e.strerror}") from None
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify(out: str | os.PathLike) -> int:
+    """Re-hash every shard header and tensor of ``out`` against its manifest.
+
+    Returns the number of tensors checked; raises ``VerifyError`` naming the first
+    damaged shard or tensor.
+    """
+    out = Path(out)
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        shards, tensors = manifest["shards"], manifest["tensors"]
+    except FileNotFoundError:
+        raise VerifyError(f"{out}: no {MANIFEST}; not a streammerge output") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise VerifyError(f"{out / MANIFEST}: unreadable manifest: {e}") from None
+    checked = 0
+    for shard in shards:
+        path = out / shard["file"]
+        if not path.is_file():
+            raise VerifyError(f"{path}: shard is missing")
+        if path.stat().st_size != shard["nbytes"]:
+            raise VerifyError(
+                f"{path}: shard has {path.stat().st_size} bytes, manifest says {shard['nbytes']}"
+            )
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            f.seek(0)
+            if hashlib.sha256(f.read(8 + n)).hexdigest() != shard["header_sha256"]:
+                raise VerifyError(f"{path}: header does not match the manifest")
+        header = read_header(path)
+        with open(path, "rb") as f:
+            for name, info in header.tensors.items():
+                f.seek(header.data_offset + info.begin)
+                h = hashlib.sha256()
+                left = info.nbytes
+                while left:
+                    block = f.read(min(left, 64 << 20))
+                    h.update(block)
+                    left -= len(block)
+                want = tensors.get(name, {}).get("sha256")
+                if h.hexdigest() != want:
+                    raise VerifyError(f"{path}: tensor {name} is damaged (sha256 differs from manifest)")
+                checked += 1
+    if checked != len(tensors):
+        raise VerifyError(f"{out}: manifest lists {len(tensors)} tensors, shards hold {checked}")
+    return checked
