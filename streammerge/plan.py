@@ -141,9 +141,15 @@ def make_plan(
         try:
             ckpts.append(open_checkpoint(m.model))
         except CheckpointError as e:
-            raise CheckpointError(f"{cfg.source}: {m.key}: {e}") from None
+            key = m.key if m.key == "base_model" else f"{m.key}.model"
+            raise CheckpointError(f"{cfg.source}: {key}: {e}") from None
     ref_i = cfg.base_index if cfg.base_index is not None else 0
     ref = ckpts[ref_i]
+    for m, c in zip(cfg.models, ckpts):
+        extra = next((name for name in c.tensors if name not in ref.tensors), None)
+        if extra is not None:
+            ref_model = cfg.models[ref_i].model
+            raise ShapeError(f"{ref_model}: tensor {extra} is missing (it is in {m.model})")
     unresolved = [_job_inputs(cfg, ckpts, ref_i, name) for name in ref.tensors]
     layout, placed = _layout(unresolved, shard_nbytes)
     jobs = tuple(

@@ -77,10 +77,14 @@ def test_bad_headers_name_the_file_and_the_problem(tmp_path, doc, data, message)
 def test_corrupt_json_and_lengths(tmp_path):
     p = tmp_path / "bad.safetensors"
     p.write_bytes(struct.pack("<Q", 10) + b'{"a": [1,,' + b"\0" * 8)
-    with pytest.raises(CheckpointError, match=r"bad.safetensors: corrupt safetensors header: Expecting value"):
+    with pytest.raises(
+        CheckpointError, match=r"bad.safetensors: corrupt safetensors header: Expecting value"
+    ):
         read_header(p)
     p.write_bytes(struct.pack("<Q", 2**40) + b"{}")
-    with pytest.raises(CheckpointError, match=r"header length 1099511627776 does not fit the file \(10 bytes\)"):
+    with pytest.raises(
+        CheckpointError, match=r"header length 1099511627776 does not fit the file \(10 bytes\)"
+    ):
         read_header(p)
     p.write_bytes(b"abc")
     with pytest.raises(CheckpointError, match=r"not a safetensors file \(3 bytes\)"):
