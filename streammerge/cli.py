@@ -273,3 +273,7 @@ def _demo_sample(models, merged) -> str:
         f" -> {'matches' if ok else 'MISMATCH'} (bf16)"
     )
     return f"sample        {name}[:4]\n  " + "\n  ".join(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""plan: header-only, torch-free, fast for 70B-class models, and exactly sized."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import linear_config
+
+from streammerge.config import parse_config
+from streammerge.demo import LLAMA_70B, write_checkpoint
+from streammerge.errors import BudgetError
+from streammerge.plan import make_plan
+
+PROBE = textwrap.dedent("""
+    import json, sys, time
+    def rchar():
+        with open("/proc/self/io") as f:
+            return int(next(l for l in f if l.startswith("rchar")).split()[1])
+    import streammerge, streammerge.plan
+    r0, t0 = rchar(), time.perf_counter()
+    plan = streammerge.plan(sys.argv[1], max_memory=8 << 30)
+    print(json.dumps({"seconds": time.perf_counter() - t0, "read_nbytes": rchar() - r0,
+                      "torch": "torch" in sys.modules, "tensors": len(plan.jobs),
+                      "shards": len(plan.layout.shards), "input_nbytes": plan.estimate.read_nbytes}))
+""")
+
+
+@pytest.fixture(scope="module")
+def sparse_70b(tmp_path_factory):
+    root = tmp_path_factory.mktemp("70b")
+    for name, seed in (("base", None), ("ft", 1)):
+        write_checkpoint(root / name, LLAMA_70B, model_seed=seed, n_shards=30, sparse=True, tokenizer=False)
+    cfg = root / "ta.yml"
+    cfg.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {root / 'base'}\nmodels:\n"
+        f"  - model: {root / 'ft'}\n    parameters: {{weight: 0.5}}\n"
+    )
+    return cfg
+
+
+def test_plan_of_a_70b_merge_is_fast_reads_no_tensor_data_and_skips_torch(sparse_70b):
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE, str(sparse_70b)], capture_output=True, text=True, check=True
+    )
+    got = json.loads(r.stdout)
+    assert got["tensors"] == 723 and got["input_nbytes"] > 280e9  # two 141 GB bf16 models
+    assert got["seconds"] < 2.0, got
+    assert got["read_nbytes"] < 8 << 20, got  # headers only: ~100 KB per shard
+    assert got["torch"] is False
+    assert got["shards"] == 30  # 141 GB in shards of at most 5 GB (whole tensors only)
+
+
+def test_layout_follows_base_order_and_mergekit_flush_rule(tiny):
+    plan = make_plan(parse_config(linear_config(tiny)), shard_nbytes=2_000_000, max_memory=64 << 20)
+    sizes = [s.nbytes for s in plan.layout.shards]
+    names = [n for s in plan.layout.shards for n in s.tensors]
+    assert sorted(names) == sorted(j.name for j in plan.jobs)
+    assert all(size <= 2_000_000 + len(s.header) for size, s in zip(sizes, plan.layout.shards))
+    # Jobs run in file order: shard by shard, offset by offset.
+    assert [(j.shard, j.offset) for j in plan.jobs] == sorted((j.shard, j.offset) for j in plan.jobs)
+    # Packing follows the base model's own tensor order (its files, then offsets in each).
+    from streammerge.checkpoint import open_checkpoint
+
+    order = {n: i for i, n in enumerate(open_checkpoint(tiny["base"]).tensors)}
+    spans = [(min(order[n] for n in s.tensors), max(order[n] for n in s.tensors)) for s in plan.layout.shards]
+    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:])), spans
+
+
+def test_estimate_fits_the_budget_and_is_what_the_executor_allocates(small):
+    cfg = parse_config(linear_config(small))
+    for budget in (8 << 20, 32 << 20, 256 << 20):
+        e = make_plan(cfg, max_memory=budget).estimate
+        assert e.peak_nbytes <= budget
+        # 3 bf16 inputs + 1 bf16 output, each double-buffered: 16 bytes per chunk element
+        assert e.read_set_nbytes == min(e.chunk_elems, 4096 * 512) * 6
+    with pytest.raises(BudgetError, match="--max-memory 1048576 bytes is too small; use at least 8MiB"):
+        make_plan(cfg, max_memory=1 << 20)
+
+
+def test_plan_hash_is_stable_and_tracks_the_config(tiny):
+    a = make_plan(parse_config(linear_config(tiny)), max_memory=64 << 20)
+    b = make_plan(parse_config(linear_config(tiny)), max_memory=1 << 30)
+    c = make_plan(parse_config(linear_config(tiny).replace("0.3", "0.31")), max_memory=64 << 20)
+    assert a.plan_hash == b.plan_hash != c.plan_hash
