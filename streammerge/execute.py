@@ -50,7 +50,8 @@ class MergeSummary:
     tensors: int
     shards: int
     peak_rss_nbytes: int  # process high-water mark (includes the interpreter and torch)
-    estimate_nbytes: int  # tensor buffers the plan allocated
+    start_rss_nbytes: int  # resident size when the merge started (interpreter, torch)
+    estimate_nbytes: int  # tensor memory the plan budgets
     plan_hash: str
 
     def line(self) -> str:
@@ -59,7 +60,8 @@ class MergeSummary:
             f"merged {self.tensors} tensors into {self.shards} shard(s) at {self.out}:"
             f" {_fmt(self.nbytes)} in {self.seconds:.1f} s ({gbps:.2f} GB/s),"
             f" peak memory {_fmt(self.peak_rss_nbytes)} RSS"
-            f" ({_fmt(self.estimate_nbytes)} tensor buffers)"
+            f" ({_fmt(self.peak_rss_nbytes - self.start_rss_nbytes)} over start-up;"
+            f" plan {_fmt(self.estimate_nbytes)})"
         )
 
 
@@ -87,6 +89,7 @@ def merge(
     """Plan and run a merge into ``out``; returns a summary. Raises StreamMergeError
     subclasses for bad input (nothing that looks like a model is left at ``out``)."""
     started = time.perf_counter()
+    start_rss = psutil.Process().memory_info().rss
     plan = (
         config
         if isinstance(config, Plan)
@@ -103,20 +106,32 @@ def merge(
         writer.abort()
         raise
     return MergeSummary(
-        str(out),
-        plan.estimate.write_nbytes,
-        plan.estimate.read_nbytes,
-        time.perf_counter() - started,
-        len(plan.jobs),
-        len(plan.layout.shards),
-        peak_rss(),
-        plan.estimate.peak_nbytes,
-        plan.plan_hash,
+        out=str(out),
+        nbytes=plan.estimate.write_nbytes,
+        read_nbytes=plan.estimate.read_nbytes,
+        seconds=time.perf_counter() - started,
+        tensors=len(plan.jobs),
+        shards=len(plan.layout.shards),
+        peak_rss_nbytes=peak_rss(),
+        start_rss_nbytes=start_rss,
+        estimate_nbytes=plan.estimate.peak_nbytes,
+        plan_hash=plan.plan_hash,
     )
 
 
 def peak_rss() -> int:
-    """This process's peak resident set size in bytes."""
+    """This process's peak resident set size in bytes.
+
+    On Linux from ``VmHWM``: ``ru_maxrss`` survives ``exec`` and so reports the parent's
+    size when a big process (a test runner, a notebook) started us.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 

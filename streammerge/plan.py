@@ -24,7 +24,11 @@ from .methods import SPECS, Scope
 
 DEFAULT_SHARD_NBYTES = 5_000_000_000  # mergekit's default --out-shard-size, in bytes
 COPY = "copy"  # pseudo-method: non-float tensors are copied from the reference model
-BLOCK_ELEMS = 1 << 20  # compute block: small enough to stay in cache-friendly scratch
+BLOCK_ELEMS = 1 << 20  # largest compute block: kernels run on blocks, not whole chunks
+MIN_BLOCK_ELEMS = 1 << 16
+# glibc keeps freed kernel temporaries as heap holes: measured, the heap plateaus at about
+# 16 fp32 words per block element above the live temporaries (60 MiB at 1M-element blocks).
+HEAP_SLACK_WORDS = 16
 MIN_MAX_MEMORY = 8 << 20
 
 
@@ -268,8 +272,12 @@ def _estimate(jobs: tuple[Job, ...], budget: int) -> Estimate:
         spec = SPECS[j.method]
         return spec.scratch_per_input * len(j.inputs) + spec.scratch_fixed
 
-    block = BLOCK_ELEMS if budget >= 64 << 20 else BLOCK_ELEMS // 16
-    scratch = block * 4 * max((scratch_words(j) for j in jobs), default=0)
+    words = max((scratch_words(j) for j in jobs), default=0)
+    # Compute blocks shrink with the budget so scratch stays within a quarter of it.
+    block = BLOCK_ELEMS
+    while block > MIN_BLOCK_ELEMS and block * 4 * (words + HEAP_SLACK_WORDS) > budget // 4:
+        block //= 2
+    scratch = block * 4 * (words + HEAP_SLACK_WORDS) if words else 0
     per_elem = max((2 * in_item(j) + 2 * ITEMSIZE[j.out_dtype] for j in jobs), default=1)
     chunk = (budget - scratch) // per_elem // block * block
     if chunk < block:
