@@ -62,7 +62,7 @@ def test_peak_rss_is_budget_plus_fixed_overhead(medium, tmp_path):
     print({k: round(v / 2**20, 1) for k, v in got.items()}, "MiB")
     assert growth <= BUDGET + SLACK, {k: v / 2**20 for k, v in got.items()}
     # The plan's estimate is what the executor really allocates (allocator slack included).
-    assert abs(growth - got["estimate"]) <= 0.1 * got["estimate"] + (4 << 20), got
+    assert abs(growth - got["estimate"]) <= 0.1 * got["estimate"] + (8 << 20), got
 
 
 MEMCAP = Path(__file__).resolve().parents[2] / "shared" / "tools" / "memcap.sh"
