@@ -9,6 +9,8 @@ model size. Kernels are elementwise, so any chunk or block size gives the same b
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 import queue
@@ -26,8 +28,8 @@ import torch
 from .checkpoint import Reader
 from .errors import StreamMergeError
 from .header import ITEMSIZE
-from .methods import SPECS, Scope, get_kernel
-from .plan import COPY, DEFAULT_SHARD_NBYTES, Job, Plan, make_plan
+from .methods import SPECS, BlockContext, Scope, get_kernel
+from .plan import BLOCK_ELEMS, COPY, DEFAULT_SHARD_NBYTES, Job, Plan, make_plan
 from .write import OutputWriter
 
 log = logging.getLogger(__name__)
@@ -146,13 +148,26 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _chunks(plan: Plan):
-    """(job, start, stop) element ranges in execution (= file) order."""
-    step = plan.estimate.chunk_elems
+COMBINE = -1  # phase of a chunk that is merged and written
+ALL = -2  # phase of a resident tensor: every pass, then combine, on one read
+
+
+def _schedule(plan: Plan):
+    """(job, phase, start, stop) reads in execution (= file) order."""
     for job in plan.jobs:
-        n = job.numel
-        for start in range(0, max(n, 1), step):
-            yield job, start, min(n, start + step)
+        yield from _schedule_job(job)
+
+
+def _schedule_job(job: Job):
+    """A tensor that needs statistics is read once per pass unless it fits in one chunk."""
+    n, step = job.numel, job.chunk_elems
+    ranges = [(s, min(n, s + step)) for s in range(0, max(n, 1), step)]
+    if job.passes and job.resident:
+        yield job, ALL, 0, n
+        return
+    for phase in [*range(job.passes), COMBINE]:
+        for start, stop in ranges:
+            yield job, phase, start, stop
 
 
 class _Failure:
@@ -179,14 +194,14 @@ def _run(plan: Plan, writer: OutputWriter, dev: torch.device, progress: bool) ->
     def reader_loop() -> None:
         reader = Reader()
         try:
-            for job, start, end in _chunks(plan):
+            for job, phase, start, end in _schedule(plan):
                 buf = _get(free_reads, stop)
                 if buf is None:
                     return
                 views = _input_views(job, start, end, buf)
                 for ref, view in zip(job.inputs, views):
                     reader.read(ref, start, end, memoryview(view))
-                _put(ready, (job, start, end, buf, views), stop)
+                _put(ready, (job, phase, start, end, buf, views), stop)
             _put(ready, None, stop)
         except BaseException as e:  # handed to the main thread, which re-raises
             _put(ready, _Failure(e), stop)
@@ -215,16 +230,26 @@ def _run(plan: Plan, writer: OutputWriter, dev: torch.device, progress: bool) ->
     ]
     for t in threads:
         t.start()
+    run: _JobRun | None = None
     try:
         while (item := _get(ready, stop)) is not None:
             if isinstance(item, _Failure):
                 raise item.exc
-            job, start, end, rbuf, views = item
+            job, phase, start, end, rbuf, views = item
+            if run is None or run.job is not job:
+                run = _JobRun(job, plan.seed, dev)
+            if phase >= 0:  # a statistics pass: nothing to write
+                run.fold(phase, views, start, end)
+                free_reads.put(rbuf)
+                continue
             wbuf = _get(free_writes, stop)
             if wbuf is None:
                 raise errors[0]
             nbytes = (end - start) * ITEMSIZE[job.out_dtype]
-            _compute(job, views, wbuf[:nbytes], plan.estimate.block_elems, dev)
+            if phase == ALL:
+                for i in range(job.passes):
+                    run.fold(i, views, start, end)
+            run.combine(views, start, wbuf[:nbytes])
             free_reads.put(rbuf)
             _put(to_write, (job, start, end, wbuf, nbytes), stop)
         if errors:
@@ -270,26 +295,118 @@ def _input_views(job: Job, start: int, end: int, buf: np.ndarray) -> list[np.nda
     return views
 
 
-def _compute(job: Job, views: list[np.ndarray], out: np.ndarray, block: int, dev) -> None:
-    """Merge one chunk: raw input bytes in ``views`` -> raw output bytes in ``out``."""
-    if job.method == COPY or (
-        job.method == "passthrough"
-        and job.input_params[0]["scale"] == 1.0
-        and job.inputs[0].dtype == job.out_dtype
-    ):
-        out[:] = views[0]  # bit copy: no dtype round trip
-        return
-    kernel = get_kernel(job.method)
-    kwargs = _kernel_args(job)
-    work = TORCH_DTYPES[job.work_dtype]
-    xs_all = [torch.from_numpy(v).view(TORCH_DTYPES[r.dtype]) for v, r in zip(views, job.inputs)]
-    out_all = torch.from_numpy(out).view(TORCH_DTYPES[job.out_dtype])
-    n = out_all.numel()
-    for s in range(0, n, block):
-        e = min(n, s + block)
-        xs = [x[s:e].to(device=dev, dtype=work) for x in xs_all]
-        result = kernel(xs, base_index=job.base_index, **kwargs)
-        out_all[s:e].copy_(result)
+class _JobRun:
+    """The executor's state for one tensor: its kernel, finished statistics, the running
+    accumulator of the current pass and the kernel's per-pass ``state`` dict."""
+
+    def __init__(self, job: Job, seed: int, dev: torch.device) -> None:
+        self.job, self.seed, self.dev = job, seed, dev
+        self.copy = job.method == COPY or (
+            job.method == "passthrough"
+            and job.input_params[0]["scale"] == 1.0
+            and job.inputs[0].dtype == job.out_dtype
+        )
+        if self.copy:
+            return
+        self.kernel = get_kernel(job.method)
+        self.params = _kernel_args(job)
+        self.work = TORCH_DTYPES[job.work_dtype]
+        self.stats: list = []
+        self.acc = None
+        self.state: dict = {}
+
+    def _blocks(self, views: list[np.ndarray], start: int, end: int, step: int):
+        """(flat offset, input blocks on the device in dtype D) over one chunk."""
+        xs = [torch.from_numpy(v).view(TORCH_DTYPES[r.dtype]) for v, r in zip(views, self.job.inputs)]
+        for s in range(0, end - start, step):
+            e = min(end - start, s + step)
+            yield start + s, [x[s:e].to(device=self.dev, dtype=self.work) for x in xs]
+
+    def _call(self, fn, *args, offset: int, **extra):
+        ctx = BlockContext(self.job.method, self.job.name, self.job.shape, offset, self.seed, self.work)
+        context = {"ctx": ctx, "stats": self.stats, "state": self.state}
+        wanted = {k: v for k, v in context.items() if k in _wants(fn)}
+        return fn(*args, base_index=self.job.base_index, **wanted, **extra, **self.params)
+
+    def fold(self, i: int, views: list[np.ndarray], start: int, end: int) -> None:
+        """Fold one chunk into statistics pass ``i``; finish the pass at the tensor's end."""
+        if start == 0:
+            self.acc, self.state = None, {}
+        for offset, xs in self._blocks(views, start, end, self.job.stat_block_elems):
+            self.acc = self._call(self.kernel.fold, i, self.acc, xs, offset=offset)
+        if end == self.job.numel:
+            self.stats.append(self._call(self.kernel.finish, i, self.acc, offset=0))
+            self.acc = None
+
+    def combine(self, views: list[np.ndarray], start: int, out: np.ndarray) -> None:
+        """Merge one chunk: raw input bytes in ``views`` -> raw output bytes in ``out``."""
+        if self.copy:
+            out[:] = views[0]  # bit copy: no dtype round trip
+            return
+        if start == 0:
+            self.state = {}
+        end = start + out.nbytes // ITEMSIZE[self.job.out_dtype]
+        out_all = torch.from_numpy(out).view(TORCH_DTYPES[self.job.out_dtype])
+        for offset, xs in self._blocks(views, start, end, self.job.block_elems):
+            result = self._call(self.kernel.combine, xs, offset=offset)
+            out_all[offset - start : offset - start + result.numel()].copy_(result.reshape(-1))
+
+
+def merge_tensors(
+    method: str,
+    xs: list[torch.Tensor],
+    *,
+    base_index: int | None = None,
+    name: str = "tensor",
+    seed: int = 0,
+    chunk_elems: int | None = None,
+    block_elems: int = BLOCK_ELEMS,
+    **params,
+) -> torch.Tensor:
+    """Merge in-memory CPU tensors (same shape and dtype) exactly as a streamed merge would,
+    through the same chunk/pass/block machinery, e.g. ``merge_tensors("ties", [a, b, base],
+    base_index=2, weight=[1, 1, None], density=[0.5, 0.5, None])``. Per-model parameters
+    are lists (one value per input, None for the base), shared ones plain values.
+    """
+    from dataclasses import replace
+
+    from .checkpoint import TensorRef
+    from .plan import _streaming
+
+    spec = SPECS[method]
+    code = next(c for c, d in TORCH_DTYPES.items() if d == xs[0].dtype)
+    shape = tuple(xs[0].shape)
+    per_model = {p.name for p in spec.params if p.scope is not Scope.SHARED}
+    input_params = tuple(
+        {k: v[i] for k, v in params.items() if k in per_model and v[i] is not None} for i in range(len(xs))
+    )
+    shared = {p.name: params.get(p.name, p.default) for p in spec.params if p.scope is Scope.SHARED}
+    refs = tuple(TensorRef("<memory>", 0, code, shape) for _ in xs)
+    job = Job(name, method, refs, base_index, input_params, shared, code, code, shape, 0, 0)
+    n = job.numel
+    job = _streaming(job, max(n, 1), block_elems, 0)
+    if chunk_elems:  # a caller-chosen chunk must still hold whole statistics blocks
+        unit = max(job.stat_block_elems, job.block_elems)
+        job = replace(job, chunk_elems=max(unit, chunk_elems // unit * unit))
+    raw = [x.contiguous().reshape(-1).view(torch.uint8).numpy() for x in xs]
+    out = np.empty(n * xs[0].element_size(), np.uint8)
+    run = _JobRun(job, seed, torch.device("cpu"))
+    item = xs[0].element_size()
+    for _, phase, start, end in _schedule_job(job):
+        views = [r[start * item : end * item] for r in raw]
+        if phase >= 0:
+            run.fold(phase, views, start, end)
+            continue
+        if phase == ALL:
+            for i in range(job.passes):
+                run.fold(i, views, start, end)
+        run.combine(views, start, out[start * item : end * item])
+    return torch.from_numpy(out).view(xs[0].dtype).reshape(shape)
+
+
+@functools.cache
+def _wants(fn) -> frozenset[str]:
+    return frozenset({"ctx", "stats", "state"} & set(inspect.signature(fn).parameters))
 
 
 def _kernel_args(job: Job) -> dict:

@@ -47,10 +47,21 @@ class Job:
     shape: tuple[int, ...]
     shard: int  # index into Layout.shards
     offset: int  # absolute byte offset of the tensor's data in the shard file
+    # How the executor streams it (set with the estimate): statistics passes before the
+    # combine pass; elements per read chunk, per compute block, per statistics block.
+    passes: int = 0
+    chunk_elems: int = 0
+    block_elems: int = 0
+    stat_block_elems: int = 0
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def resident(self) -> bool:
+        """One read serves every pass: the whole tensor fits in one chunk."""
+        return self.numel <= self.chunk_elems
 
     @property
     def out_nbytes(self) -> int:
@@ -162,7 +173,7 @@ def make_plan(
             key=lambda j: (j.shard, j.offset),
         )
     )
-    estimate = _estimate(jobs, budget)
+    estimate, jobs = _estimate(jobs, budget)
     donor = cfg.models[ref_i].model
     tok = cfg.tokenizer_source
     tokenizer_from = donor if tok in (None, "base") else tok
@@ -283,18 +294,40 @@ def _estimate(jobs: tuple[Job, ...], budget: int) -> Estimate:
     if chunk < block:
         need = scratch + block * per_elem
         raise BudgetError(f"--max-memory {budget} bytes is too small for this plan; it needs at least {need}")
+    jobs = tuple(_streaming(j, chunk, block, budget) for j in jobs)
     read_set = max((min(chunk, j.numel) * in_item(j) for j in jobs), default=0)
     write_buf = max((min(chunk, j.numel) * ITEMSIZE[j.out_dtype] for j in jobs), default=0)
-    return Estimate(
-        budget,
-        chunk,
-        block,
-        read_set,
-        write_buf,
-        scratch,
-        read_nbytes=sum(t.nbytes for j in jobs for t in j.inputs),
-        write_nbytes=sum(j.out_nbytes for j in jobs),
-    )
+    reads = sum(t.nbytes * (1 if j.resident else j.passes + 1) for j in jobs for t in j.inputs)
+    estimate = Estimate(
+        budget, chunk, block, read_set, write_buf, scratch,
+        read_nbytes=reads, write_nbytes=sum(j.out_nbytes for j in jobs),
+    )  # fmt: skip
+    return estimate, jobs
+
+
+def _streaming(j: Job, chunk: int, block: int, budget: int) -> Job:
+    """Fix a job's passes and its chunk/block sizes: statistics passes need fixed blocks
+    aligned to the tensor start (or whole rows), so every chunk holds whole blocks."""
+    from dataclasses import replace
+
+    spec = SPECS.get(j.method)
+    passes = spec.passes(j.work_dtype, j.shared_params) if spec and j.numel else 0
+    if spec is not None and spec.rows:
+        row = j.shape[-1] if len(j.shape) >= 2 else max(j.numel, 1)
+        stat = blk = max(1, spec.stat_block // row) * row
+    elif passes:
+        stat = spec.stat_block
+        blk = min(block, stat)  # both powers of two: blk divides stat
+    else:
+        stat = blk = block
+    unit = max(stat, blk)
+    if j.numel > chunk and chunk < unit:
+        raise BudgetError(
+            f"tensor {j.name}: {j.method} streams it in blocks of {unit} elements, which"
+            f" --max-memory {budget} bytes cannot hold; raise --max-memory"
+        )
+    return replace(j, passes=passes, chunk_elems=chunk // unit * unit or chunk, block_elems=blk,
+                   stat_block_elems=stat)  # fmt: skip
 
 
 def _plan_hash(cfg, jobs, layout, fingerprints, seed) -> str:

@@ -1,12 +1,18 @@
-"""methods: tiny hand-derived cases, chunk invariance, spec <-> kernel agreement."""
+"""methods: tiny hand-derived cases, chunk invariance, spec <-> kernel agreement.
+
+Every case runs through ``execute.merge_tensors``, the executor's own chunk/pass/block
+machinery, so what is tested here is what a streamed merge computes.
+"""
 
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
 
+from streammerge.execute import merge_tensors
 from streammerge.methods import SPECS, Scope, get_kernel
 
 bf16, f32 = torch.bfloat16, torch.float32
@@ -18,13 +24,13 @@ def t(values, dtype=f32):
 
 def test_linear_normalized_weighted_mean():
     # (0.25*1 + 0.75*3) / (0.25 + 0.75) = 2.5 ; (0.25*2 + 0.75*4) / 1 = 3.5
-    out = get_kernel("linear")([t([1.0, 2.0]), t([3.0, 4.0])], weight=[0.25, 0.75])
+    out = merge_tensors("linear", [t([1.0, 2.0]), t([3.0, 4.0])], weight=[0.25, 0.75])
     assert out.tolist() == [2.5, 3.5]
 
 
 def test_linear_without_normalize_is_a_weighted_sum():
     # 2*1 + 3*10 = 32 ; 2*-1 + 3*0.5 = -0.5
-    out = get_kernel("linear")([t([1.0, -1.0]), t([10.0, 0.5])], weight=[2.0, 3.0], normalize=False)
+    out = merge_tensors("linear", [t([1.0, -1.0]), t([10.0, 0.5])], weight=[2.0, 3.0], normalize=False)
     assert out.tolist() == [32.0, -0.5]
 
 
@@ -33,7 +39,7 @@ def test_linear_bf16_rounds_once_to_nearest_even():
     # nearest even picks 1.0 (even mantissa). 1.0078125 and 1.015625: mean 1.01171875,
     # halfway between 1.0078125 (odd) and 1.015625 (even) -> 1.015625.
     a, b = t([1.0, 1.0078125], bf16), t([1.0078125, 1.015625], bf16)
-    out = get_kernel("linear")([a, b], weight=[0.5, 0.5])
+    out = merge_tensors("linear", [a, b], weight=[0.5, 0.5])
     assert out.dtype == bf16 and out.tolist() == [1.0, 1.015625]
 
 
@@ -41,84 +47,168 @@ def test_task_arithmetic_hand_derived():
     # deltas: ft1-base = [1, -1], ft2-base = [0.5, 2]; weighted by [1, 0.5]: [1, -1], [0.25, 1]
     # sum [1.25, 0]; lambda 0.5 -> [0.625, 0]; + base [1, 1] -> [1.625, 1]
     base, ft1, ft2 = t([1.0, 1.0]), t([2.0, 0.0]), t([1.5, 3.0])
-    ta = get_kernel("task_arithmetic")
-    out = ta([ft1, ft2, base], base_index=2, weight=[1.0, 0.5, None], **{"lambda": 0.5})
-    assert out.tolist() == [1.625, 1.0]
+    args = dict(base_index=2, weight=[1.0, 0.5, None])
+    assert merge_tensors("task_arithmetic", [ft1, ft2, base], **args, **{"lambda": 0.5}).tolist() == [
+        1.625,
+        1.0,
+    ]
     # normalize divides by the weight sum 1.5: fp32(1.25/1.5) = 0.8333333134651184, plus 1
     # rounds in fp32 to 1.8333332538604736; the second element stays 1 + 0/1.5 = 1
-    out = ta([ft1, ft2, base], base_index=2, weight=[1.0, 0.5, None], normalize=True)
-    assert out.tolist() == [1.8333332538604736, 1.0]
+    assert merge_tensors("task_arithmetic", [ft1, ft2, base], **args, normalize=True).tolist() == [
+        1.8333332538604736, 1.0]  # fmt: skip
 
 
 def test_task_arithmetic_rounds_weights_to_bf16_like_mergekit():
     # mergekit builds the weights with torch.tensor(weights, dtype=D): bf16(0.3) = 0.30078125
-    out = get_kernel("task_arithmetic")([t([1.0], bf16), t([0.0], bf16)], base_index=1, weight=[0.3, None])
+    out = merge_tensors("task_arithmetic", [t([1.0], bf16), t([0.0], bf16)], base_index=1, weight=[0.3, None])
     assert out.tolist() == [0.30078125]
 
 
 def test_task_arithmetic_zero_weight_sum_is_guarded():
     # weights 1 and -1 sum to 0: mergekit replaces the divisor by 1, so normalize is a no-op
-    out = get_kernel("task_arithmetic")(
-        [t([2.0]), t([4.0]), t([1.0])], base_index=2, weight=[1.0, -1.0, None], normalize=True
-    )
+    out = merge_tensors("task_arithmetic", [t([2.0]), t([4.0]), t([1.0])], base_index=2,
+                        weight=[1.0, -1.0, None], normalize=True)  # fmt: skip
     assert out.tolist() == [1.0 + (1.0 - 3.0)]
 
 
-def test_passthrough_scales_or_returns_the_input():
-    x = t([1.0, -3.0], bf16)
-    pt = get_kernel("passthrough")
-    assert pt([x], scale=[1.0]) is x
-    assert pt([x], scale=[0.5]).tolist() == [0.5, -1.5]
+def test_ties_hand_derived():
+    # d1 = [1, -2, 3, -0.5], d2 = [-1, 1, 2, 4]; density 0.5 keeps k = 2 per model:
+    #   d1 -> [0, -2, 3, 0], d2 -> [0, 0, 2, 4]
+    # elected sign of the weighted sum [0, -2, 5, 4]: [+, -, +, +] (0 counts as +)
+    # agreeing entries: d1 at 1, 2; d2 at 2, 3 -> mixed [0, -2, 5, 4], divisor [1, 1, 2, 1]
+    # normalize (ties default) -> [0, -2, 2.5, 4]; + base 0
+    base = t([0.0, 0.0, 0.0, 0.0])
+    out = merge_tensors("ties", [t([1.0, -2.0, 3.0, -0.5]), t([-1.0, 1.0, 2.0, 4.0]), base], base_index=2,
+                        weight=[1.0, 1.0, None], density=[0.5, 0.5, None])  # fmt: skip
+    assert out.tolist() == [0.0, -2.0, 2.5, 4.0]
 
 
-def _inputs(method, n, numel, dtype, gen):
-    xs = [(torch.randn(numel, generator=gen) * 0.02).to(dtype) for _ in range(n)]
+@pytest.mark.parametrize("dtype", [bf16, f32])
+def test_ties_breaks_threshold_ties_by_flat_index(dtype):
+    # |d| all equal: k = int(0.5 * 6) = 3 -> the three earliest elements survive
+    out = merge_tensors("ties", [t([1.0, -1, 1, -1, 1, -1], dtype), t([0.0] * 6, dtype)], base_index=1,
+                        weight=[1.0, None], density=[0.5, None])  # fmt: skip
+    assert out.tolist() == [1.0, -1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_breadcrumbs_drops_the_top_gamma_and_the_bottom():
+    # n = 10, density 0.5 -> keep 5; gamma 0.1 -> drop the 1 largest; bottom = 10 - 5 - 1 = 4
+    # ascending |d|: .05 .1 .2 .5 | 1 2 2.5 3 4 | 5  -> keep ranks 4..8 (1, 2, 2.5, -3, 4)
+    d = [0.1, -5, 2, -3, 1, 0.5, 4, -0.2, 2.5, 0.05]
+    out = merge_tensors("breadcrumbs", [t(d), t([0.0] * 10)], base_index=1, weight=[1.0, None],
+                        density=[0.5, None], gamma=[0.1, None])  # fmt: skip
+    assert out.tolist() == [0.0, 0.0, 2.0, -3.0, 1.0, 0.0, 4.0, 0.0, 2.5, 0.0]
+
+
+def _random_deltas(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g) * 0.01
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_keeps_density_and_rescales_l1(method):
+    base = torch.zeros(1 << 20)
+    delta = _random_deltas(1 << 20)
+    out = merge_tensors(method, [delta, base], base_index=1, weight=[1.0, None], density=[0.3, None], seed=7)
+    kept = (out != 0).double().mean().item()
+    assert abs(kept - 0.3) < 0.003  # 1M Bernoulli(0.3) draws: sd 0.00046
+    # rescale multiplies the survivors by sum|d| / sum|kept d|: the L1 norm is preserved
+    assert out.abs().double().sum().item() == pytest.approx(delta.abs().double().sum().item(), rel=1e-5)
+    again = merge_tensors(
+        method, [delta, base], base_index=1, weight=[1.0, None], density=[0.3, None], seed=7
+    )
+    other = merge_tensors(
+        method, [delta, base], base_index=1, weight=[1.0, None], density=[0.3, None], seed=8
+    )
+    assert torch.equal(out, again) and not torch.equal(out, other)
+
+
+def test_della_keeps_density_and_favours_large_magnitudes():
+    rows = _random_deltas(512 * 1024).reshape(512, 1024)
+    out = merge_tensors("della_linear", [rows, torch.zeros_like(rows)], base_index=1, weight=[1.0, None],
+                        density=[0.5, None], epsilon=[0.2, None], seed=3)  # fmt: skip
+    kept = out != 0
+    assert abs(kept.double().mean().item() - 0.5) < 0.005  # mean keep probability = density
+    big = rows.abs() > rows.abs().median(dim=1, keepdim=True).values
+    # keep probability runs linearly from 0.3 (smallest) to 0.7 (largest): halves at 0.4 / 0.6
+    assert kept[big].double().mean().item() == pytest.approx(0.6, abs=0.01)
+    assert kept[~big].double().mean().item() == pytest.approx(0.4, abs=0.01)
+
+
+def test_slerp_hand_derived():
+    # orthogonal unit vectors: theta = pi/2, both coefficients sin(pi/4)/sin(pi/2) = 0.70710677 (fp32)
+    out = merge_tensors("slerp", [t([1.0, 0.0]), t([0.0, 1.0])], base_index=0, t=0.5)
+    assert out.tolist() == pytest.approx([math.sqrt(0.5)] * 2, abs=1e-7)
+    # parallel vectors (dot 1 > 0.9995) fall back to lerp: 0.75*[1, 2] + 0.25*[2, 4]
+    assert merge_tensors("slerp", [t([1.0, 2.0]), t([2.0, 4.0])], base_index=0, t=0.25).tolist() == [
+        1.25,
+        2.5,
+    ]
+
+
+def test_nearswap_hand_derived():
+    # |B - X| = [.05, .5, 2]; w = clamp(0.1 / |B - X|, 0, 1) = [1, .2, .05]; R = w*X + (1-w)*B
+    out = merge_tensors("nearswap", [t([0.0, 0.0, 0.0]), t([0.05, 0.5, -2.0])], base_index=0, t=0.1)
+    assert out.tolist() == pytest.approx([0.05, 0.1, -0.1], abs=1e-8)
+
+
+def test_passthrough_scales():
+    assert merge_tensors("passthrough", [t([1.0, -3.0], bf16)], scale=[0.5]).tolist() == [0.5, -1.5]
+
+
+def _case(method: str, numel: int, dtype, gen):
     spec = SPECS[method]
+    n = 1 if spec.max_inputs == 1 else 2 if spec.max_inputs == 2 else 3
     base = n - 1 if spec.requires_base else None
-    kwargs = {}
+    xs = [(torch.randn(numel, generator=gen) * 0.02).to(dtype) for _ in range(n)]
+    if base is not None:  # fine-tunes are the base plus a small delta
+        xs = [xs[base] + x * 0.1 if i != base else xs[base] for i, x in enumerate(xs)]
+        xs = [x.to(dtype) for x in xs]
+    values = {"weight": [0.3, 0.45, 0.9], "density": [0.4, 0.6, 0.5], "gamma": [0.05] * 3,
+              "epsilon": [0.1] * 3, "scale": [0.5] * 3}  # fmt: skip
+    kwargs: dict = {}
     for p in spec.params:
         if p.scope is Scope.SHARED:
-            kwargs[p.name] = {"normalize": True, "lambda": 0.7}.get(p.name, p.default)
+            kwargs[p.name] = {"t": 0.3, "lambda": 0.7}.get(p.name, p.default)
         else:
-            vals = [0.3, 0.45, 0.9, 0.25][:n] if p.name == "weight" else [0.5] * n
             kwargs[p.name] = [
-                None if (i == base and p.scope is Scope.NON_BASE) else v for i, v in enumerate(vals)
+                None if (i == base and p.scope is Scope.NON_BASE) else values[p.name][i] for i in range(n)
             ]
-    if n == 1:
-        kwargs = {k: (v[:1] if isinstance(v, list) else v) for k, v in kwargs.items()}
     return xs, base, kwargs
 
 
 @pytest.mark.parametrize("method", sorted(SPECS))
-@pytest.mark.parametrize("dtype", [bf16, f32, torch.float16])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_kernels_are_chunk_invariant(method, dtype, threads):
-    """Any split into blocks, odd sizes included, gives the same bits as one call."""
+@pytest.mark.parametrize("dtype", [bf16, f32])
+def test_methods_are_chunk_and_thread_invariant(method, dtype):
+    """Chunks and blocks of any size, and 1 or 2 threads, give the same bits as one call."""
     gen = torch.Generator().manual_seed(7)
-    n = 1 if SPECS[method].max_inputs == 1 else 3
-    numel = 20_011
-    xs, base, kwargs = _inputs(method, n, numel, dtype, gen)
-    kernel = get_kernel(method)
+    numel = (1 << 20) + 12_345 if method == "slerp" else 200_003  # several statistics blocks
+    xs, base, kwargs = _case(method, numel, dtype, gen)
+    if SPECS[method].rows:  # rows of 1000: row-wise ranks need 2-D tensors
+        numel = 200_000
+        xs = [x[:numel].reshape(200, 1000) for x in xs]
+    if "rescale" in kwargs:
+        kwargs["rescale"] = True
+    whole = merge_tensors(method, xs, base_index=base, seed=1, **kwargs)
     old = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
-        whole = kernel(xs, base_index=base, **kwargs)
-        for block in (97, 1000, 8192):
-            parts = [kernel([x[s : s + block] for x in xs], base_index=base, **kwargs)
-                     for s in range(0, numel, block)]  # fmt: skip
-            assert torch.equal(torch.cat(parts).view(torch.uint8), whole.view(torch.uint8)), block
+        for threads, chunk, block in [(1, 70_000, 1 << 14), (2, 130_000, 1 << 16), (2, 1 << 21, 1 << 20)]:
+            torch.set_num_threads(threads)
+            part = merge_tensors(
+                method, xs, base_index=base, seed=1, chunk_elems=chunk, block_elems=block, **kwargs
+            )
+            assert torch.equal(part.view(torch.uint8), whole.view(torch.uint8)), (threads, chunk, block)
     finally:
         torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("method", sorted(SPECS))
 def test_spec_params_match_kernel_signature(method):
-    sig = inspect.signature(get_kernel(method))
-    accepted = {n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY} - {"base_index"}
+    fn = get_kernel(method).combine
+    sig = inspect.signature(fn)
+    context = {"base_index", "ctx", "stats", "state"}
+    accepted = {n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY} - context
     takes_var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
     names = {p.name for p in SPECS[method].params}
-    assert accepted <= names
+    assert accepted <= names | {"gamma", "epsilon", "density", "rescale"}
     assert names - accepted == set() or takes_var_kw
-    for p in SPECS[method].params:
-        if p.name in sig.parameters and sig.parameters[p.name].default is not inspect.Parameter.empty:
-            assert sig.parameters[p.name].default == p.default, p.name

@@ -1,33 +1,66 @@
 """Merge methods: torch-free specs (``spec``) and pure torch kernels, one module per family.
 
+A kernel's ``combine`` maps one block of the inputs (same shape, working dtype D, base at
+``base_index``) to the merged block. Methods that need whole-tensor statistics also give
+``fold(i, acc, xs, ...) -> acc`` and ``finish(i, acc, ...) -> stat`` for each statistics
+pass ``i``: the executor folds every block of the tensor, in order, then hands the
+finished statistics to the next pass and to ``combine`` as ``stats``. A kernel may also
+ask for ``ctx`` (a ``BlockContext``: tensor name, shape, block offset, seed) and
+``state`` (a dict that lives for one pass over one tensor; blocks arrive in order).
+
 ``get_kernel(name)`` imports the kernel modules on first use, so planning never pays
 for torch.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from .spec import SPECS, MethodSpec, Param, Scope
+from .spec import GTA, SPECS, MethodSpec, Param, Scope
 
-__all__ = ["SPECS", "MethodSpec", "Param", "Scope", "get_kernel", "register"]
+__all__ = ["GTA", "SPECS", "BlockContext", "Kernel", "MethodSpec", "Param", "Scope", "get_kernel", "register"]
 
-_KERNELS: dict[str, Callable] = {}
-_KERNEL_MODULES = ("linear", "task_arithmetic", "passthrough")
+_KERNELS: dict[str, Kernel] = {}
+_KERNEL_MODULES = ("linear", "gta", "slerp", "nearswap", "passthrough")
+_CONTEXT = frozenset({"ctx", "stats", "state"})
 
 
-def register(name: str) -> Callable[[Callable], Callable]:
-    """Decorator: make ``fn`` the kernel of method ``name`` (which must have a spec)."""
+@dataclass(frozen=True, slots=True)
+class BlockContext:
+    method: str
+    tensor: str  # output tensor name (keys the random streams)
+    shape: tuple[int, ...]  # the whole tensor's shape
+    offset: int  # flat index of the block's first element
+    seed: int
+    work_dtype: object = None  # the torch.dtype of D
+
+
+@dataclass(frozen=True, slots=True)
+class Kernel:
+    combine: Callable
+    fold: Callable | None = None
+    finish: Callable | None = None
+
+    @property
+    def wants(self) -> frozenset[str]:
+        """Which of ctx/stats/state ``combine`` takes."""
+        return _CONTEXT & set(inspect.signature(self.combine).parameters)
+
+
+def register(name: str, *, fold: Callable | None = None, finish: Callable | None = None):
+    """Decorator: make ``fn`` the combine kernel of method ``name`` (which needs a spec)."""
 
     def deco(fn: Callable) -> Callable:
         assert name in SPECS, f"kernel {name} has no MethodSpec"
-        _KERNELS[name] = fn
+        _KERNELS[name] = Kernel(fn, fold, finish)
         return fn
 
     return deco
 
 
-def get_kernel(name: str) -> Callable:
+def get_kernel(name: str) -> Kernel:
     if not _KERNELS:
         import importlib
 

@@ -1,13 +1,16 @@
 """What planning needs to know about each method, without importing torch.
 
-A ``MethodSpec`` lists the parameters a method takes, their scope and defaults, and the
-inputs it accepts. Kernels live in their own modules; a test checks that every spec's
-parameters match its kernel's keyword arguments, so the two cannot drift apart.
+A ``MethodSpec`` lists the parameters a method takes, their scope and defaults, the
+inputs it accepts, and how the executor must stream it: statistics passes before the
+combine pass, and the block alignment those passes need. Kernels live in their own
+modules; a test checks that every spec's parameters match its kernel's keyword
+arguments, so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -31,6 +34,10 @@ class Param:
         return self.default is None
 
 
+def _no_passes(work_dtype: str, shared: dict) -> int:
+    return 0
+
+
 @dataclass(frozen=True, slots=True)
 class MethodSpec:
     name: str
@@ -38,18 +45,90 @@ class MethodSpec:
     requires_base: bool = False
     min_inputs: int = 1
     max_inputs: int | None = None
-    # Elements of compute scratch the kernel allocates per block element, per input.
-    # Used by the memory estimate: scratch ~ block * (per_input * n + fixed) * 4 bytes.
+    # Compute scratch per block element, in fp32 words: per input, and fixed.
     scratch_per_input: int = 1
     scratch_fixed: int = 2
+    # Statistics passes over the whole tensor before the combine pass, by working dtype
+    # and shared parameters (e.g. an exact magnitude threshold needs 1 pass for 16-bit
+    # deltas, 2 for fp32). Passes see fixed blocks of ``stat_block`` elements aligned to
+    # the tensor start (whole rows when ``rows``), whatever the chunk size.
+    passes: Callable[[str, dict], int] = _no_passes
+    stat_block: int = 1 << 16
+    rows: bool = False  # blocks must hold whole rows (of the last dimension)
+    random: bool = False  # draws from the keyed generator (seed, tensor, element)
     summary: str = ""
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
 
 
-def _weight(scope: Scope) -> Param:
-    return Param("weight", float, scope)
+@dataclass(frozen=True, slots=True)
+class GTAPreset:
+    """One member of mergekit's generalized task arithmetic family."""
+
+    sparsifier: str | None  # magnitude | random | magnitude_outliers | della_magprune
+    consensus: str | None  # "sum": TIES sign election on the weighted deltas
+    normalize: bool
+    rescale: bool
+    summary: str
+
+
+GTA: dict[str, GTAPreset] = {
+    "task_arithmetic": GTAPreset(None, None, False, False,
+                                 "base + lambda * sum of weighted task vectors (x_i - base)"),
+    "ties": GTAPreset("magnitude", "sum", True, False,
+                      "keep the top-density |delta| per model, elect signs, disjoint mean"),
+    "dare_ties": GTAPreset("random", "sum", False, True,
+                           "random drop (keep p = density), rescale, elect signs"),
+    "dare_linear": GTAPreset("random", None, False, True, "random drop (keep p = density), rescale, sum"),
+    "breadcrumbs": GTAPreset("magnitude_outliers", None, False, False,
+                             "drop the largest gamma and the smallest |delta|, sum"),
+    "breadcrumbs_ties": GTAPreset("magnitude_outliers", "sum", False, False,
+                                  "breadcrumbs pruning, then TIES sign election"),
+    "della": GTAPreset("della_magprune", "sum", True, True,
+                       "rank-based random drop per row (p = density +- epsilon), elect signs"),
+    "della_linear": GTAPreset("della_magprune", None, False, True,
+                              "rank-based random drop per row, rescale, sum"),
+}  # fmt: skip
+
+
+def _gta_passes(preset: GTAPreset) -> Callable[[str, dict], int]:
+    def passes(work_dtype: str, shared: dict) -> int:
+        n = 0
+        if preset.sparsifier in ("magnitude", "magnitude_outliers"):
+            n += 2 if work_dtype in ("F32", "F64") else 1  # radix select: 16 bits per pass
+        if preset.sparsifier is not None and shared.get("rescale"):
+            n += 1  # L1 norms of the deltas before and after pruning
+        return n
+
+    return passes
+
+
+def _gta_spec(name: str, preset: GTAPreset) -> MethodSpec:
+    params = [
+        Param("weight", float, Scope.NON_BASE),
+        Param("normalize", bool, Scope.SHARED, preset.normalize),
+        Param("lambda", float, Scope.SHARED, 1.0),
+        Param("int8_mask", bool, Scope.SHARED, False),  # mergekit: mask dtype only, no effect
+    ]
+    if preset.sparsifier is not None:
+        params += [
+            Param("density", float, Scope.NON_BASE, 1.0, minimum=0.0, maximum=1.0),
+            Param("rescale", bool, Scope.SHARED, preset.rescale),
+        ]
+    if preset.sparsifier == "magnitude_outliers":
+        params.append(Param("gamma", float, Scope.NON_BASE, 0.01, minimum=0.0, maximum=1.0))
+    if preset.sparsifier == "della_magprune":
+        params.append(Param("epsilon", float, Scope.NON_BASE, 0.15, minimum=0.0, maximum=1.0))
+    return MethodSpec(
+        name, tuple(params), requires_base=True, scratch_per_input=3, scratch_fixed=4,
+        passes=_gta_passes(preset), rows=preset.sparsifier == "della_magprune",
+        random=preset.sparsifier in ("random", "della_magprune"), summary=preset.summary,
+    )  # fmt: skip
+
+
+def _slerp_passes(work_dtype: str, shared: dict) -> int:
+    return 2  # norms, then the dot product of the normalised tensors
 
 
 SPECS: dict[str, MethodSpec] = {
@@ -57,21 +136,32 @@ SPECS: dict[str, MethodSpec] = {
     for spec in [
         MethodSpec(
             "linear",
-            (_weight(Scope.INPUT), Param("normalize", bool, Scope.SHARED, True)),
+            (Param("weight", float, Scope.INPUT), Param("normalize", bool, Scope.SHARED, True)),
             summary="weighted average of the inputs",
         ),
+        *(_gta_spec(name, preset) for name, preset in GTA.items()),
         MethodSpec(
-            "task_arithmetic",
-            (
-                _weight(Scope.NON_BASE),
-                Param("normalize", bool, Scope.SHARED, False),
-                Param("lambda", float, Scope.SHARED, 1.0),
-            ),
+            "slerp",
+            (Param("t", float, Scope.SHARED, minimum=0.0, maximum=1.0),),
             requires_base=True,
-            min_inputs=1,
+            min_inputs=2,
+            max_inputs=2,
+            passes=_slerp_passes,
+            stat_block=1 << 20,
             scratch_per_input=2,
-            summary="base + lambda * sum of weighted task vectors (x_i - base)",
-        ),
+            scratch_fixed=2,
+            summary="spherical interpolation from the base (t = 0) to the other model (t = 1)",
+        ),  # fmt: skip
+        MethodSpec(
+            "nearswap",
+            (Param("t", float, Scope.SHARED, minimum=0.0),),
+            requires_base=True,
+            min_inputs=2,
+            max_inputs=2,
+            scratch_per_input=2,
+            scratch_fixed=4,
+            summary="take the other model where it is within t of the base, blend elsewhere",
+        ),  # fmt: skip
         MethodSpec(
             "passthrough",
             (Param("scale", float, Scope.INPUT, 1.0),),

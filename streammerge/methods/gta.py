@@ -1,0 +1,217 @@
+"""The generalized task arithmetic family: task_arithmetic, ties, dare_ties, dare_linear,
+breadcrumbs, breadcrumbs_ties, della, della_linear — one pipeline, a preset each
+(``spec.GTA``): sparsify each task vector → elect signs → combine → add to the base.
+
+Papers: task arithmetic (Ilharco et al. 2023, arXiv:2212.04089); TIES (Yadav et al.
+2023, arXiv:2306.01708); DARE (Yu et al. 2024, arXiv:2311.03099); model breadcrumbs
+(Davari & Belilovsky 2024, arXiv:2312.06795); DELLA (Deep et al. 2024, arXiv:2406.11617).
+
+mergekit 0.1.5 semantics (``generalized_task_arithmetic.py``, ``sparsify.py``), op by op:
+deltas ``x_m − base`` in the working dtype D; weights rounded to D; signs elected from the
+*weighted* pruned deltas (the TIES paper uses unweighted ones); ``normalize`` divides by
+the sum of the weights that agree with the elected sign; ``lambda`` scales; base added.
+Deliberate differences, each because mergekit's choice depends on the machine or order:
+- magnitude pruning keeps exactly k = max(1, int(density·n)) elements like mergekit, but
+  breaks ties at the threshold by flat index (earliest wins) where mergekit's unstable
+  argsort keeps an arbitrary subset; the same rule serves breadcrumbs' two cut points;
+- DARE and DELLA masks come from a keyed counter generator (``rng``), keyed by (seed,
+  tensor, model), not torch's global generator: the same in distribution, identical for
+  any chunking, thread count or order; DELLA ranks use a stable sort;
+- L1 rescale norms are summed in fp64 over fixed 64K-element blocks, then rounded to the
+  work dtype (mergekit: torch's whole-tensor sum), so a rescale factor can differ in the
+  last bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import BlockContext, register
+from .rng import philox_key, uniform
+from .select import Boundary, histogram, keep_window, key_bits, locate, magnitude_keys
+from .spec import GTA
+
+RESCALE_EPS = 1e-7
+
+
+def _rank_window(sparsifier: str, n: int, density: float, gamma: float) -> tuple[int, int]:
+    """Ascending-rank window [lo, hi) of |delta| that the sparsifier keeps."""
+    if sparsifier == "magnitude":
+        k = 0 if density <= 0 or n == 0 else max(1, int(density * n))
+        return n - k, n
+    target = int(density * n)  # magnitude_outliers (mergekit 0.1.5)
+    bottom = max(0, n - target - int(gamma * n))
+    return bottom, bottom + target
+
+
+def _pass_kinds(ctx: BlockContext, dtype: torch.dtype, rescale: bool) -> list[str]:
+    sparsifier = GTA[ctx.method].sparsifier
+    kinds = []
+    if sparsifier in ("magnitude", "magnitude_outliers"):
+        kinds += ["select_high", "select_low"] if key_bits(dtype) == 32 else ["select"]
+    if sparsifier is not None and rescale:
+        kinds.append("l1")
+    return kinds
+
+
+def _others(xs: list, base_index: int) -> list[int]:
+    return [i for i in range(len(xs)) if i != base_index]
+
+
+def _prunes(density: float | None) -> bool:
+    return density is not None and density < 1
+
+
+def gta_fold(i: int, acc, xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False,
+             density=None, gamma=None, epsilon=None, int8_mask=False, **shared):  # fmt: skip
+    """Statistics pass ``i`` over one block: histograms for the magnitude windows, or the
+    L1 norms of each delta before and after pruning."""
+    kind = _pass_kinds(ctx, xs[0].dtype, rescale)[i]
+    base = xs[base_index]
+    acc = dict(acc or {})
+    for m in _others(xs, base_index):
+        if not _prunes(density[m]):
+            continue
+        delta = xs[m] - base
+        if kind == "l1":
+            pruned = _sparsify(
+                delta, m, ctx, stats, state, density[m], _get(gamma, m), _get(epsilon, m), None
+            )
+            before, after = acc.get(m, (0.0, 0.0))
+            acc[m] = (before + delta.abs().double().sum().item(), after + pruned.abs().double().sum().item())
+            continue
+        keys = magnitude_keys(delta.reshape(-1))
+        if kind in ("select", "select_high"):
+            acc[m] = histogram(keys, 16 if kind == "select_high" else 0, None, acc.get(m))
+        else:  # select_low: low 16 bits of the keys in each boundary's high bin
+            lows = acc.get(m, {})
+            for high in {b.key for b in stats[0][m]}:
+                lows[high] = histogram(keys, 0, high, lows.get(high))
+            acc[m] = lows
+    return acc
+
+
+def gta_finish(i: int, acc, *, ctx, stats, base_index, weight, normalize, rescale=False,
+               density=None, gamma=None, epsilon=None, int8_mask=False, **shared):  # fmt: skip
+    """Turn a pass's folded counts into boundaries (select passes) or rescale factors (l1)."""
+    kind = _pass_kinds(ctx, ctx_dtype(ctx), rescale)[i]
+    n = int(np.prod(ctx.shape))
+    sparsifier = GTA[ctx.method].sparsifier
+    out = {}
+    for m, counts in (acc or {}).items():
+        if kind == "l1":
+            work = (
+                _work_dtype(ctx_dtype(ctx)) if sparsifier in ("random", "della_magprune") else ctx_dtype(ctx)
+            )
+            before, after = (torch.tensor(v, dtype=work) for v in counts)
+            ok = bool(before >= RESCALE_EPS) and bool(after >= RESCALE_EPS)
+            out[m] = before / after if ok else None
+            continue
+        lo, hi = _rank_window(sparsifier, n, density[m], _get(gamma, m) or 0.0)
+        ranks = (lo, max(lo, hi - 1))
+        if kind == "select":
+            out[m] = tuple(Boundary(*locate(counts, r)) for r in ranks)
+        elif kind == "select_high":
+            out[m] = tuple(Boundary(*locate(counts, r)) for r in ranks)  # key = the high 16 bits
+        else:  # select_low: refine each boundary's high bin to the exact 32-bit key
+            refined = []
+            for r, b in zip(ranks, stats[0][m]):
+                low, below, equal = locate(counts[b.key], r, below=b.below)
+                refined.append(Boundary((b.key << 16) | low, below, equal))
+            out[m] = tuple(refined)
+    return out
+
+
+def ctx_dtype(ctx: BlockContext) -> torch.dtype:
+    return ctx.work_dtype
+
+
+def _get(values, m):
+    return None if values is None else values[m]
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """mergekit's work dtype for random masks on CPU: bf16 stays bf16, others go to fp32."""
+    return dtype if dtype == torch.bfloat16 else torch.float32
+
+
+def _sparsify(delta, m, ctx, stats, state, density, gamma, epsilon, factor):
+    """Prune model ``m``'s delta block; ``factor`` is its L1 rescale (None: no rescale)."""
+    sparsifier = GTA[ctx.method].sparsifier
+    if sparsifier in ("magnitude", "magnitude_outliers"):
+        n = int(np.prod(ctx.shape))
+        lo, hi = _rank_window(sparsifier, n, density, gamma or 0.0)
+        if hi <= lo:
+            return torch.zeros_like(delta)
+        # Selection passes come first: the exact boundaries are the last of them.
+        boundaries = stats[1 if key_bits(ctx_dtype(ctx)) == 32 else 0][m]
+        seen = state.setdefault(("seen", m), {})
+        keep = keep_window(magnitude_keys(delta.reshape(-1)), *boundaries, lo, hi, seen)
+        masked = delta * keep.reshape(delta.shape).to(delta.dtype)
+        return masked if factor is None else masked * factor
+    work = _work_dtype(delta.dtype)
+    d = delta.to(work)
+    u = torch.from_numpy(uniform(philox_key(ctx.seed, ctx.tensor, m), ctx.offset, d.numel()))
+    if sparsifier == "random":
+        p = torch.tensor(density, dtype=work).double()  # mergekit: full_like(δ, density, work)
+        mask = (u < p).to(work).reshape(d.shape)
+    else:  # della_magprune: keep probability linear in the magnitude's rank within its row
+        if density <= 0:
+            return torch.zeros_like(delta)
+        rows = d.reshape(-1, ctx.shape[-1] if len(ctx.shape) >= 2 else d.numel())
+        order = torch.sort(rows.abs(), dim=1, stable=True).indices
+        ranks = torch.empty_like(order)
+        ranks.scatter_(1, order, torch.arange(rows.shape[1]).expand_as(order).contiguous())
+        ranks = ranks.to(work) + 1
+        lo_r, hi_r = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+        rank_norm = ((ranks - lo_r) / (hi_r - lo_r)).clamp(0, 1)
+        probs = (density - epsilon) + rank_norm * 2 * epsilon
+        mask = (u.reshape(rows.shape) < probs.double()).to(work).reshape(d.shape)
+    masked = d * mask
+    if factor is not None:
+        masked = masked * factor
+    return masked.to(delta.dtype)
+
+
+def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, density=None,
+        gamma=None, epsilon=None, int8_mask=False, **shared):  # fmt: skip
+    """Merge one block: xs in dtype D, the base at ``base_index``. ``lambda`` arrives in
+    ``shared`` (a Python keyword). Returns dtype D."""
+    lam = shared.pop("lambda", 1.0)
+    assert not shared, shared
+    base = xs[base_index]
+    others = _others(xs, base_index)
+    if not others:
+        return base
+    preset = GTA[ctx.method]
+    factors = stats[-1] if preset.sparsifier is not None and rescale and stats else {}
+    deltas = base.new_empty((len(others), *base.shape))  # (n_models, *block)
+    for row, m in enumerate(others):
+        delta = xs[m] - base
+        if preset.sparsifier is not None and _prunes(density[m]):
+            delta = _sparsify(delta, m, ctx, stats, state, density[m], _get(gamma, m), _get(epsilon, m),
+                              factors.get(m))  # fmt: skip
+        deltas[row] = delta
+    w = torch.tensor([weight[m] for m in others], dtype=deltas.dtype, device=deltas.device)
+    w = w.reshape((len(others),) + (1,) * base.dim())
+    deltas.mul_(w)
+    if preset.consensus == "sum":  # mergekit's get_mask(method="sum"): a bool mask
+        elected = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+        mask = deltas.sign() == elected
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if lam != 1:
+        mixed *= lam
+    return base + mixed
+
+
+for _name in GTA:
+    register(_name, fold=gta_fold, finish=gta_finish)(gta)

@@ -1,0 +1,78 @@
+"""Exact order statistics of |x| in bounded memory: radix select over the bit patterns.
+
+Keys are the magnitudes' bit patterns as integers (sign bit cleared), which sort like the
+magnitudes themselves. A pass histograms 16 bits of every key (65,536 counters, whatever
+the tensor size); 16-bit dtypes need one pass, fp32 two. Ties are broken by flat index:
+among equal magnitudes, the element earlier in the tensor ranks higher. So a rank window
+``[lo, hi)`` in ascending order selects the same elements for any chunking, and the top-k
+keeps the earliest of the elements tied at the threshold.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_SIGN_CLEAR = {torch.bfloat16: 0x7FFF, torch.float16: 0x7FFF, torch.float32: 0x7FFFFFFF}
+_INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+
+def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
+    """int64 keys ordered like |x| (for bf16, fp16 and fp32 tensors)."""
+    bits = x.contiguous().view(_INT_VIEW[x.dtype]).to(torch.int64)
+    return bits & _SIGN_CLEAR[x.dtype]
+
+
+def key_bits(dtype: torch.dtype) -> int:
+    return 16 if dtype in (torch.bfloat16, torch.float16) else 32
+
+
+@dataclass(frozen=True, slots=True)
+class Boundary:
+    """The element at ascending rank ``rank``: its key, and how many keys are below it
+    (``below``) and equal to it (``equal``)."""
+
+    key: int
+    below: int
+    equal: int
+
+
+def histogram(keys: torch.Tensor, shift: int, prefix: int | None, acc: np.ndarray | None) -> np.ndarray:
+    """Add the counts of ``(keys >> shift) & 0xFFFF`` to ``acc``; only keys whose bits above
+    ``shift + 16`` equal ``prefix`` count when a prefix is given."""
+    if prefix is not None:
+        keys = keys[(keys >> (shift + 16)) == prefix]
+    counts = torch.bincount((keys >> shift) & 0xFFFF, minlength=65536).numpy()
+    return counts if acc is None else acc + counts
+
+
+def locate(counts: np.ndarray, rank: int, below: int = 0) -> tuple[int, int, int]:
+    """Bin holding ascending ``rank`` (0-based, counting ``below`` smaller keys first):
+    (bin, keys below the bin, keys in the bin)."""
+    cum = np.cumsum(counts) + below
+    b = int(np.searchsorted(cum, rank, side="right"))
+    start = int(cum[b - 1]) if b else below
+    return b, start, int(counts[b])
+
+
+def keep_window(keys: torch.Tensor, lo: Boundary, hi: Boundary, rank_lo: int, rank_hi: int,
+                seen: dict[int, int]) -> torch.Tensor:  # fmt: skip
+    """Boolean mask of the elements whose ascending rank is in ``[rank_lo, rank_hi)``.
+
+    ``lo``/``hi`` are the boundaries at ``rank_lo`` and ``rank_hi - 1``; ``seen`` counts,
+    per boundary key, the equal keys in earlier blocks (updated here: call in block order).
+    """
+    mask = (keys > lo.key) & (keys < hi.key)
+    for b in {lo.key: lo, hi.key: hi}.values():
+        eq = keys == b.key
+        n_eq = int(eq.sum())
+        if not n_eq:
+            continue
+        # Tie position p (0-based, flat order) -> ascending rank below + equal - 1 - p.
+        p = torch.cumsum(eq.to(torch.int64), 0) - 1 + seen.get(b.key, 0)
+        rank = b.below + b.equal - 1 - p
+        mask |= eq & (rank >= rank_lo) & (rank < rank_hi)
+        seen[b.key] = seen.get(b.key, 0) + n_eq
+    return mask
