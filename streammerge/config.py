@@ -202,7 +202,36 @@ def from_dict(doc: Any, source: str = "<config>") -> MergeConfig:
             raise fail("tokenizer_source", "'union' (a merged vocabulary) is not supported yet")
     cfg = MergeConfig(method, tuple(models), base, top, dtype, out_dtype, tok, source)
     _check_required(cfg, spec, fail)
+    _check_values(cfg, spec, fail)
     return cfg
+
+
+def _resolved(cfg: MergeConfig, m: InputModel, spec, name: str):
+    """A parameter's value for model ``m`` (its own, else top-level, else the default),
+    and the key path it came from."""
+    if name in m.parameters:
+        return m.parameters[name], f"{m.key}.parameters.{name}"
+    if name in cfg.parameters:
+        return cfg.parameters[name], f"parameters.{name}"
+    return spec.param(name).default, f"{m.key}.parameters.{name}"
+
+
+def _check_values(cfg: MergeConfig, spec, fail) -> None:
+    """Combinations mergekit would only reject mid-merge, or turn into inf/NaN."""
+    if spec.name == "linear" and cfg.parameters.get("normalize", True):
+        total = sum(_resolved(cfg, m, spec, "weight")[0] for m in cfg.models)
+        if total == 0:
+            raise fail("parameters.normalize", "the weights sum to 0, so normalizing would divide by"
+                       " zero; change a weight or set normalize: false")  # fmt: skip
+    if spec.param("epsilon") is not None:  # della: keep probabilities must stay inside (0, 1)
+        for i, m in enumerate(cfg.models):
+            if i == cfg.base_index:
+                continue
+            density, _ = _resolved(cfg, m, spec, "density")
+            epsilon, key = _resolved(cfg, m, spec, "epsilon")
+            if 0 < density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+                raise fail(key, f"{spec.name} needs 0 < density - epsilon and density + epsilon < 1,"
+                           f" got density {density:g} and epsilon {epsilon:g}")  # fmt: skip
 
 
 def _same(a: str, b: str) -> bool:

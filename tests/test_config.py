@@ -79,6 +79,27 @@ LIN = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\
         ("merge_method: linear\nmodels: [\n", "not valid YAML at line 3, column 1: expected the node content, but found '<stream end>'"),
         ("merge_method: linear\nmodels:\n  - model: a+lora\n", "models[0].model: LoRA references (base+adapter) are not supported yet, got 'a+lora'"),
         (LIN + "parameters: {weight: .inf}\n", "parameters.weight: expected a number, got inf"),
+        ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, density: 1.5}\n",
+         "models[0].parameters.density: must be <= 1, got 1.5"),
+        ("merge_method: slerp\nbase_model: b\nmodels: [a]\nparameters: {t: -0.2}\n",
+         "parameters.t: must be >= 0, got -0.2"),
+        ("merge_method: ties\nmodels:\n  - model: a\n    parameters: {weight: 1}\n",
+         "base_model: required by merge_method ties, but not set"),
+        ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, t: 0.5}\n",
+         "models[0].parameters.t: unknown ties parameter 't'; expected one of: weight, normalize, lambda,"
+         " int8_mask, density, rescale"),
+        ("merge_method: task_arithmetic\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, density: 0.5}\n",
+         "models[0].parameters.density: unknown task_arithmetic parameter 'density'; expected one of:"
+         " weight, normalize, lambda, int8_mask"),
+        ("merge_method: della\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, density: 0.5}\n"
+         "parameters: {epsilon: 0.6}\n",
+         "parameters.epsilon: della needs 0 < density - epsilon and density + epsilon < 1, got density 0.5"
+         " and epsilon 0.6"),
+        ("merge_method: linear\nmodels:\n  - {model: a, parameters: {weight: 1}}\n  - {model: b, parameters: {weight: -1}}\n",
+         "parameters.normalize: the weights sum to 0, so normalizing would divide by zero; change a weight"
+         " or set normalize: false"),
+        ("merge_method: slerp\nbase_model: b\nmodels: [a, c]\nparameters: {t: 0.5}\n",
+         "models: slerp takes at most 2 input model(s), got 3 (base_model counts as an input)"),
     ],
 )  # fmt: skip
 def test_config_errors_are_one_exact_line(text, line):
