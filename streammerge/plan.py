@@ -312,7 +312,7 @@ def _streaming(j: Job, chunk: int, block: int, budget: int) -> Job:
 
     spec = SPECS.get(j.method)
     passes = spec.passes(j.work_dtype, j.shared_params) if spec and j.numel else 0
-    if spec is not None and spec.rows:
+    if spec is not None and spec.rows(j.shared_params):
         row = j.shape[-1] if len(j.shape) >= 2 else max(j.numel, 1)
         stat = blk = max(1, spec.stat_block // row) * row
     elif passes:

@@ -152,6 +152,15 @@ def test_nearswap_hand_derived():
     assert out.tolist() == pytest.approx([0.05, 0.1, -0.1], abs=1e-8)
 
 
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_hand_derived(filter_wise):
+    # d1 = [1, 1], d2 = [1, 0]: cos = 1 / (sqrt(2) * 1) = 0.7071; N = 2: t = 2c / (1 + c) = 0.8284
+    # R = t * mean(w1, w2) + (1 - t) * w0 = 0.8284 * [1, 0.5] + 0 = [0.8284, 0.4142]
+    out = merge_tensors("model_stock", [t([0.0, 0.0]), t([1.0, 1.0]), t([1.0, 0.0])], base_index=0,
+                        filter_wise=filter_wise)  # fmt: skip
+    assert out.tolist() == pytest.approx([0.8284271, 0.41421357], abs=1e-7)
+
+
 def test_passthrough_scales():
     assert merge_tensors("passthrough", [t([1.0, -3.0], bf16)], scale=[0.5]).tolist() == [0.5, -1.5]
 
@@ -177,18 +186,20 @@ def _case(method: str, numel: int, dtype, gen):
     return xs, base, kwargs
 
 
-@pytest.mark.parametrize("method", sorted(SPECS))
+@pytest.mark.parametrize("method, filter_wise", [(m, False) for m in sorted(SPECS)] + [("model_stock", True)])
 @pytest.mark.parametrize("dtype", [bf16, f32])
-def test_methods_are_chunk_and_thread_invariant(method, dtype):
+def test_methods_are_chunk_and_thread_invariant(method, filter_wise, dtype):
     """Chunks and blocks of any size, and 1 or 2 threads, give the same bits as one call."""
     gen = torch.Generator().manual_seed(7)
     numel = (1 << 20) + 12_345 if method == "slerp" else 200_003  # several statistics blocks
     xs, base, kwargs = _case(method, numel, dtype, gen)
-    if SPECS[method].rows:  # rows of 1000: row-wise ranks need 2-D tensors
+    if SPECS[method].rows({"filter_wise": True}):  # rows of 1000: row-wise ranks need 2-D tensors
         numel = 200_000
         xs = [x[:numel].reshape(200, 1000) for x in xs]
     if "rescale" in kwargs:
         kwargs["rescale"] = True
+    if "filter_wise" in kwargs:  # model_stock: rows, and the whole-tensor statistics pass
+        kwargs["filter_wise"] = filter_wise
     whole = merge_tensors(method, xs, base_index=base, seed=1, **kwargs)
     old = torch.get_num_threads()
     try:

@@ -23,7 +23,7 @@ from .spec import GTA, SPECS, MethodSpec, Param, Scope
 __all__ = ["GTA", "SPECS", "BlockContext", "Kernel", "MethodSpec", "Param", "Scope", "get_kernel", "register"]
 
 _KERNELS: dict[str, Kernel] = {}
-_KERNEL_MODULES = ("linear", "gta", "slerp", "nearswap", "passthrough")
+_KERNEL_MODULES = ("linear", "gta", "slerp", "model_stock", "nearswap", "passthrough")
 _CONTEXT = frozenset({"ctx", "stats", "state"})
 
 

@@ -54,7 +54,8 @@ class MethodSpec:
     # the tensor start (whole rows when ``rows``), whatever the chunk size.
     passes: Callable[[str, dict], int] = _no_passes
     stat_block: int = 1 << 16
-    rows: bool = False  # blocks must hold whole rows (of the last dimension)
+    # Blocks must hold whole rows (of the last dimension), by shared parameters.
+    rows: Callable[[dict], bool] = lambda shared: False
     random: bool = False  # draws from the keyed generator (seed, tensor, element)
     summary: str = ""
 
@@ -122,7 +123,7 @@ def _gta_spec(name: str, preset: GTAPreset) -> MethodSpec:
         params.append(Param("epsilon", float, Scope.NON_BASE, 0.15, minimum=0.0, maximum=1.0))
     return MethodSpec(
         name, tuple(params), requires_base=True, scratch_per_input=3, scratch_fixed=4,
-        passes=_gta_passes(preset), rows=preset.sparsifier == "della_magprune",
+        passes=_gta_passes(preset), rows=lambda shared, p=preset: p.sparsifier == "della_magprune",
         random=preset.sparsifier in ("random", "della_magprune"), summary=preset.summary,
     )  # fmt: skip
 
@@ -151,6 +152,14 @@ SPECS: dict[str, MethodSpec] = {
             scratch_per_input=2,
             scratch_fixed=2,
             summary="spherical interpolation from the base (t = 0) to the other model (t = 1)",
+        ),  # fmt: skip
+        MethodSpec(
+            "model_stock",
+            (Param("filter_wise", bool, Scope.SHARED, False),),
+            requires_base=True, min_inputs=3, scratch_per_input=2, scratch_fixed=4,
+            passes=lambda work_dtype, shared: 0 if shared.get("filter_wise") else 1,
+            rows=lambda shared: bool(shared.get("filter_wise")),
+            summary="base + t * (mean fine-tune - base), t from the angle between the deltas",
         ),  # fmt: skip
         MethodSpec(
             "nearswap",
