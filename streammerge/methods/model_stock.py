@@ -28,7 +28,9 @@ def _finish_t(dots, sq_norms, count: int, dtype, pairs):
     """t from the pairwise dot products and the offsets' squared norms (plain floats)."""
     cos = []
     for i, j in pairs:
-        norm_product = torch.tensor(sq_norms[i] ** 0.5, dtype=dtype) * torch.tensor(sq_norms[j] ** 0.5, dtype=dtype)
+        norm_product = torch.tensor(sq_norms[i] ** 0.5, dtype=dtype) * torch.tensor(
+            sq_norms[j] ** 0.5, dtype=dtype
+        )
         cos.append((torch.tensor(dots[(i, j)], dtype=dtype) / norm_product.clamp(min=1e-6)).clamp(-1, 1))
     return _t(torch.stack(cos).mean(dim=0), count)
 

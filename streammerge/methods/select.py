@@ -44,8 +44,11 @@ def histogram(keys: torch.Tensor, shift: int, prefix: int | None, acc: np.ndarra
     ``shift + 16`` equal ``prefix`` count when a prefix is given."""
     if prefix is not None:
         keys = keys[(keys >> (shift + 16)) == prefix]
-    counts = torch.bincount((keys >> shift) & 0xFFFF, minlength=65536).numpy()
-    return counts if acc is None else acc + counts
+    counts = torch.bincount((keys >> shift) & 0xFFFF, minlength=65536).cpu().numpy()
+    if acc is None:
+        return counts.astype(np.int64, copy=True)
+    acc += counts  # in place: a fresh array per block would fragment the heap
+    return acc
 
 
 def locate(counts: np.ndarray, rank: int, below: int = 0) -> tuple[int, int, int]:

@@ -27,25 +27,35 @@ def _pair(xs, base_index):
 
 
 def slerp_fold(i, acc, xs, *, stats, base_index, t):
-    """Pass 0: this block's norms of A and B. Pass 1: its dot of the normalised blocks."""
+    """Pass 0: this block's norms of A and B. Pass 1: its dot of the normalised blocks.
+
+    Partials are kept as Python floats (exactly the fp32/fp64 values): small tensors that
+    outlive each block would pin glibc's heap above every block's temporaries.
+    """
     a, b = _pair(xs, base_index)
     parts = acc or ([], [])
     if i == 0:
-        parts[0].append(torch.linalg.vector_norm(a, dim=1, keepdim=True))
-        parts[1].append(torch.linalg.vector_norm(b, dim=1, keepdim=True))
+        parts[0].append(torch.linalg.vector_norm(a, dim=1, keepdim=True).item())
+        parts[1].append(torch.linalg.vector_norm(b, dim=1, keepdim=True).item())
     else:
         norm_a, norm_b = stats[0]
-        parts[0].append(((a / norm_a) * (b / norm_b)).sum(dim=1, keepdim=True))
+        parts[0].append(((a / norm_a) * (b / norm_b)).sum(dim=1, keepdim=True).item())
     return parts
 
 
-def slerp_finish(i, acc, *, stats, base_index, t):
+def _stacked(values: list[float], dtype: torch.dtype) -> torch.Tensor:
+    """The per-block partials as mergekit stacks them: shape (blocks, 1, 1)."""
+    return torch.tensor(values, dtype=dtype).reshape(-1, 1, 1)
+
+
+def slerp_finish(i, acc, *, ctx, stats, base_index, t):
     """Pass 0 -> (‖A‖, ‖B‖) with tiny norms replaced by 1. Pass 1 -> the two coefficients."""
+    dtype = torch.float64 if ctx.work_dtype == torch.float64 else torch.float32
     if i == 0:
-        norm_a = torch.linalg.vector_norm(torch.stack(acc[0]), dim=0)
-        norm_b = torch.linalg.vector_norm(torch.stack(acc[1]), dim=0)
+        norm_a = torch.linalg.vector_norm(_stacked(acc[0], dtype), dim=0)
+        norm_b = torch.linalg.vector_norm(_stacked(acc[1], dtype), dim=0)
         return torch.where(norm_a > EPS, norm_a, 1), torch.where(norm_b > EPS, norm_b, 1)
-    dot = torch.stack(acc[0]).sum(dim=0).clamp(-1, 1)
+    dot = _stacked(acc[0], dtype).sum(dim=0).clamp(-1, 1)
     tt = torch.tensor([t], dtype=torch.float32).reshape(-1, 1).to(dot.dtype)
     linear = dot.abs() > DOT_THRESHOLD
     theta = torch.acos(torch.where(linear, 0, dot))

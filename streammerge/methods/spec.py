@@ -156,7 +156,10 @@ SPECS: dict[str, MethodSpec] = {
         MethodSpec(
             "model_stock",
             (Param("filter_wise", bool, Scope.SHARED, False),),
-            requires_base=True, min_inputs=3, scratch_per_input=2, scratch_fixed=4,
+            requires_base=True,
+            min_inputs=3,
+            scratch_per_input=2,
+            scratch_fixed=4,
             passes=lambda work_dtype, shared: 0 if shared.get("filter_wise") else 1,
             rows=lambda shared: bool(shared.get("filter_wise")),
             summary="base + t * (mean fine-tune - base), t from the angle between the deltas",
