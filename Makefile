@@ -33,5 +33,19 @@ check: lint test
 bench: $(STAMP)
 	$(BIN)/python tools/bench.py $(BENCH_ARGS)
 
+# mergekit 0.1.5 in its own venv (torch first, pinned, as above); then every configs/*.yml
+# against streammerge, as written and with dtype float32 / bfloat16. PARITY_ARGS="--json p.json".
+PARITY_VENV := .parity-venv
+PARITY_STAMP := $(PARITY_VENV)/.installed
+
+$(PARITY_STAMP):
+	test -x $(PARITY_VENV)/bin/python || $(PY) -m venv $(PARITY_VENV)
+	$(PARITY_VENV)/bin/pip install -q torch==2.13.0
+	$(PARITY_VENV)/bin/pip install -q mergekit==0.1.5
+	touch $(PARITY_STAMP)
+
+parity: $(STAMP) $(PARITY_STAMP)
+	$(BIN)/python tools/parity.py --mergekit-python $(PARITY_VENV)/bin/python $(PARITY_ARGS)
+
 clean:
 	rm -rf demo-out bench-data .pytest_cache

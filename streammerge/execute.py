@@ -376,9 +376,13 @@ def merge_tensors(
     spec = SPECS[method]
     code = next(c for c, d in TORCH_DTYPES.items() if d == xs[0].dtype)
     shape = tuple(xs[0].shape)
-    per_model = {p.name for p in spec.params if p.scope is not Scope.SHARED}
     input_params = tuple(
-        {k: v[i] for k, v in params.items() if k in per_model and v[i] is not None} for i in range(len(xs))
+        {
+            p.name: params[p.name][i] if p.name in params else p.default
+            for p in spec.params
+            if p.scope is Scope.INPUT or (p.scope is Scope.NON_BASE and i != base_index)
+        }
+        for i in range(len(xs))
     )
     shared = {p.name: params.get(p.name, p.default) for p in spec.params if p.scope is Scope.SHARED}
     refs = tuple(TensorRef("<memory>", 0, code, shape) for _ in xs)

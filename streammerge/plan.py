@@ -315,9 +315,8 @@ def _streaming(j: Job, chunk: int, block: int, budget: int) -> Job:
     if spec is not None and spec.rows(j.shared_params):
         row = j.shape[-1] if len(j.shape) >= 2 else max(j.numel, 1)
         stat = blk = max(1, spec.stat_block // row) * row
-    elif passes:
-        stat = spec.stat_block
-        blk = min(block, stat)  # both powers of two: blk divides stat
+    elif passes:  # combine blocks need no alignment; statistics blocks do (powers of two)
+        stat, blk = spec.stat_block, block
     else:
         stat = blk = block
     unit = max(stat, blk)

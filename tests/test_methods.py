@@ -91,6 +91,14 @@ def test_ties_breaks_threshold_ties_by_flat_index(dtype):
     assert out.tolist() == [1.0, -1.0, 1.0, 0.0, 0.0, 0.0]
 
 
+def test_breadcrumbs_breaks_ties_like_a_stable_ascending_sort():
+    # all |d| equal, n = 6, density 0.5 -> keep 3, gamma 0.2 -> drop int(1.2) = 1 on top,
+    # bottom = 6 - 3 - 1 = 2: stable ascending order is the flat order, keep ranks 2, 3, 4
+    out = merge_tensors("breadcrumbs", [t([1.0, -1, 1, -1, 1, -1]), t([0.0] * 6)], base_index=1,
+                        weight=[1.0, None], density=[0.5, None], gamma=[0.2, None])  # fmt: skip
+    assert out.tolist() == [0.0, 0.0, 1.0, -1.0, 1.0, 0.0]
+
+
 def test_breadcrumbs_drops_the_top_gamma_and_the_bottom():
     # n = 10, density 0.5 -> keep 5; gamma 0.1 -> drop the 1 largest; bottom = 10 - 5 - 1 = 4
     # ascending |d|: .05 .1 .2 .5 | 1 2 2.5 3 4 | 5  -> keep ranks 4..8 (1, 2, 2.5, -3, 4)

@@ -12,8 +12,10 @@ deltas ``x_m − base`` in the working dtype D; weights rounded to D; signs elec
 the sum of the weights that agree with the elected sign; ``lambda`` scales; base added.
 Deliberate differences, each because mergekit's choice depends on the machine or order:
 - magnitude pruning keeps exactly k = max(1, int(density·n)) elements like mergekit, but
-  breaks ties at the threshold by flat index (earliest wins) where mergekit's unstable
-  argsort keeps an arbitrary subset; the same rule serves breadcrumbs' two cut points;
+  breaks ties at the threshold by flat index as a *stable* sort would (top-k: earliest
+  wins; breadcrumbs' ascending window: earliest ranks lowest), where mergekit's unstable
+  sorts keep an arbitrary subset. Verified: mergekit with ``stable=True`` sorts gives
+  byte-identical output;
 - DARE and DELLA masks come from a keyed counter generator (``rng``), keyed by (seed,
   tensor, model), not torch's global generator: the same in distribution, identical for
   any chunking, thread count or order; DELLA ranks use a stable sort;
@@ -29,7 +31,7 @@ import torch
 
 from . import BlockContext, register
 from .rng import philox_key, uniform
-from .select import Boundary, histogram, keep_window, key_bits, locate, magnitude_keys
+from .select import Boundary, apply_mask, histogram, keep_window, key_bits, locate, magnitude_keys
 from .spec import GTA
 
 RESCALE_EPS = 1e-7
@@ -147,8 +149,9 @@ def _sparsify(delta, m, ctx, stats, state, density, gamma, epsilon, factor):
         # Selection passes come first: the exact boundaries are the last of them.
         boundaries = stats[1 if key_bits(ctx_dtype(ctx)) == 32 else 0][m]
         seen = state.setdefault(("seen", m), {})
-        keep = keep_window(magnitude_keys(delta.reshape(-1)), *boundaries, lo, hi, seen)
-        masked = delta * keep.reshape(delta.shape).to(delta.dtype)
+        # Tie order of a stable sort: descending for top-k, ascending for breadcrumbs.
+        keep = keep_window(delta, *boundaries, lo, hi, seen, earliest_high=sparsifier == "magnitude")
+        masked = apply_mask(delta, keep)
         return masked if factor is None else masked * factor
     work = _work_dtype(delta.dtype)
     d = delta.to(work)

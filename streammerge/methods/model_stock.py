@@ -6,9 +6,12 @@ of ``cos_ij = clamp(d_i·d_j / max(‖d_i‖‖d_j‖, 1e-6), −1, 1)``; ``t = 
 (0 where the denominator is within 1e-6 of 0); ``R = t·mean(w_i) + (1 − t)·w_0`` with the
 mean as a left fold. ``filter_wise`` does all of that per row (last dimension).
 Difference: over the whole tensor (the default) the dot products and norms are summed in
-fp64 over fixed blocks in one statistics pass, then rounded to D, where mergekit sums in
-torch's fp32 cascade; t can differ in its last bit, which moves some outputs by one ulp.
-Per row (``filter_wise``) the computation is mergekit's own, so the bits match.
+fp64 over fixed blocks in one statistics pass, then rounded to D. mergekit sums them in D
+with torch's whole-tensor reduction, whose order depends on the thread count; for nearly
+orthogonal deltas the dot product cancels heavily, so its t is noisy: measured on the
+demo models, t differs in 7 of 39 tensors in bf16 (0.02% of output elements) and in 30 of
+39 in fp32 (about half the elements). Our t is the accurate one and does not depend on
+chunking or threads. Per row (``filter_wise``) the computation is mergekit's own.
 """
 
 from __future__ import annotations
