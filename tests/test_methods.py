@@ -231,3 +231,25 @@ def test_spec_params_match_kernel_signature(method):
     names = {p.name for p in SPECS[method].params}
     assert accepted <= names | {"gamma", "epsilon", "density", "rescale"}
     assert names - accepted == set() or takes_var_kw
+
+
+@pytest.mark.parametrize("dtype", [bf16, torch.float16, f32])
+@pytest.mark.parametrize("n_models", [1, 2, 3, 5])
+@pytest.mark.parametrize("consensus", ["sum", None])
+def test_fast_gta_combine_is_mergekits_op_sequence_bit_for_bit(dtype, n_models, consensus):
+    """combine_fast (numpy, fp32 with explicit rounding) against combine_eager (mergekit's torch
+    ops): exact zeros, negative and tiny weights, normalize and lambda included."""
+    from streammerge.methods.gta import combine_eager, combine_fast, fast_combine_exact
+
+    if not fast_combine_exact(dtype, n_models):
+        pytest.skip("torch sums 5+ fp32 models out of order; gta() uses combine_eager there")
+    gen = torch.Generator().manual_seed(n_models)
+    base = (torch.randn(50_000, generator=gen) * 0.02).to(dtype)
+    deltas = (torch.randn(n_models, 50_000, generator=gen) * 0.003).to(dtype)
+    deltas[:, ::7] = 0  # pruned elements
+    deltas[0, ::11] = -0.0
+    for weights in ([0.6, -0.3, 0.9, 0.25, 1e-3][:n_models], [1.0] * n_models):
+        for normalize, lam in [(True, 1.0), (False, 0.7), (True, 1.3)]:
+            args = (base, deltas, weights, consensus, normalize, lam)
+            fast, eager = combine_fast(*args), combine_eager(*args)
+            assert torch.equal(fast.view(torch.uint8), eager.view(torch.uint8)), (weights, normalize, lam)

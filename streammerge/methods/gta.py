@@ -196,10 +196,18 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
             delta = _sparsify(delta, m, ctx, stats, state, density[m], _get(gamma, m), _get(epsilon, m),
                               factors.get(m))  # fmt: skip
         deltas[row] = delta
-    w = torch.tensor([weight[m] for m in others], dtype=deltas.dtype, device=deltas.device)
-    w = w.reshape((len(others),) + (1,) * base.dim())
-    deltas.mul_(w)
-    if preset.consensus == "sum":  # mergekit's get_mask(method="sum"): a bool mask
+    weights = [weight[m] for m in others]
+    if deltas.device.type == "cpu" and fast_combine_exact(deltas.dtype, len(others)):
+        return combine_fast(base, deltas, weights, preset.consensus, normalize, lam)
+    return combine_eager(base, deltas, weights, preset.consensus, normalize, lam)
+
+
+def combine_eager(base, deltas, weights, consensus, normalize, lam):
+    """mergekit's own op sequence on (n_models, *block) pruned deltas in dtype D."""
+    w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)
+    w = w.reshape((len(weights),) + (1,) * base.dim())
+    deltas = deltas * w
+    if consensus == "sum":  # mergekit's get_mask(method="sum"): a bool mask
         elected = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
         mask = deltas.sign() == elected
         mixed = (deltas * mask).sum(dim=0)
@@ -214,6 +222,72 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
     if lam != 1:
         mixed *= lam
     return base + mixed
+
+
+_FAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _rounder(dtype: torch.dtype, n: int):
+    """In-place round-to-nearest-even of fp32 numpy arrays (up to n elements) to ``dtype``,
+    through a reused torch buffer: two vectorized copies."""
+    if dtype == torch.float32:
+        return lambda a: a
+    scratch = torch.empty(n, dtype=dtype)
+
+    def rnd(a: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(a).reshape(-1)
+        t.copy_(scratch[: t.numel()].copy_(t))
+        return a
+
+    return rnd
+
+
+def fast_combine_exact(dtype: torch.dtype, n_models: int) -> bool:
+    """Whether ``combine_fast`` reproduces torch's ``sum(dim=0)``: for fp32 torch adds the
+    models in order only up to 4 of them (measured on torch 2.13, CPU, 1-2 threads)."""
+    return dtype in _FAST_DTYPES and (dtype != torch.float32 or n_models <= 4)
+
+
+def combine_fast(base, deltas, weights, consensus, normalize, lam):
+    """``combine_eager``, bit for bit, in numpy fp32 with one rounding to D per torch op.
+
+    Why it is exact: products and sums of two D values are exact in fp32 before the one
+    rounding torch also does; torch's ``sum(dim=0)`` over the model axis adds the models in
+    order into an fp32 accumulator and rounds once (checked for 16-bit dtypes at any model
+    count and for fp32 up to 4 models); a Python scalar enters at fp32. numpy's comparisons
+    and bool products are several times faster than torch's on CPU.
+    """
+    rnd = _rounder(deltas.dtype, base.numel())
+    b = base.float().numpy().reshape(-1)
+    w = torch.tensor(weights, dtype=deltas.dtype).float().numpy()
+    wd = [rnd(d.float().numpy().reshape(-1) * w[m]) for m, d in enumerate(deltas)]
+    if consensus == "sum":
+        total = wd[0].copy()
+        for x in wd[1:]:
+            total += x
+        elected = np.where(rnd(total) >= 0, np.float32(1), np.float32(-1))
+        masks = [x * elected > 0 for x in wd]  # sign(x) == elected; zeros never agree
+        mixed = wd[0] * masks[0]
+        divisor = w[0] * masks[0]
+        for x, wm, mk in zip(wd[1:], w[1:], masks[1:]):
+            mixed += x * mk
+            divisor += wm * mk
+        mixed, divisor = rnd(mixed), rnd(divisor)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = wd[0].copy()
+        for x in wd[1:]:
+            mixed += x
+        mixed = rnd(mixed)
+        divisor = rnd(np.cumsum(w, dtype=np.float32)[-1:])[0]  # in order, like sum(dim=0)
+        if abs(divisor) < 1e-8:
+            divisor = np.float32(1)
+    if normalize:
+        mixed = rnd(mixed / divisor)
+    if lam != 1:
+        mixed = rnd(mixed * np.float32(lam))
+    out = rnd(b + mixed)
+    return torch.from_numpy(out).to(base.dtype).reshape(base.shape)
 
 
 for _name in GTA:
