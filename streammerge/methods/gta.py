@@ -26,11 +26,13 @@ Deliberate differences, each because mergekit's choice depends on the machine or
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from . import BlockContext, register
-from .rng import philox_key, uniform
+from .rng import philox_key, uniform, uniform_bits24
 from .select import Boundary, apply_mask, histogram, keep_window, key_bits, locate, magnitude_keys
 from .spec import GTA
 
@@ -155,13 +157,15 @@ def _sparsify(delta, m, ctx, stats, state, density, gamma, epsilon, factor):
         return masked if factor is None else masked * factor
     work = _work_dtype(delta.dtype)
     d = delta.to(work)
-    u = torch.from_numpy(uniform(philox_key(ctx.seed, ctx.tensor, m), ctx.offset, d.numel()))
+    key = philox_key(ctx.seed, ctx.tensor, m)
     if sparsifier == "random":
-        p = torch.tensor(density, dtype=work).double()  # mergekit: full_like(δ, density, work)
-        mask = (u < p).to(work).reshape(d.shape)
+        # keep where u < p, u on a 2^-24 grid: compare the 24-bit integers with ceil(p * 2^24)
+        p = torch.tensor(density, dtype=work).item()  # mergekit: full_like(δ, density, work)
+        mask = uniform_bits24(key, ctx.offset, d.numel()) < np.uint32(math.ceil(p * 2**24))
     else:  # della_magprune: keep probability linear in the magnitude's rank within its row
         if density <= 0:
             return torch.zeros_like(delta)
+        u = torch.from_numpy(uniform(key, ctx.offset, d.numel()))
         rows = d.reshape(-1, ctx.shape[-1] if len(ctx.shape) >= 2 else d.numel())
         order = torch.sort(rows.abs(), dim=1, stable=True).indices
         ranks = torch.empty_like(order)
@@ -170,8 +174,8 @@ def _sparsify(delta, m, ctx, stats, state, density, gamma, epsilon, factor):
         lo_r, hi_r = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
         rank_norm = ((ranks - lo_r) / (hi_r - lo_r)).clamp(0, 1)
         probs = (density - epsilon) + rank_norm * 2 * epsilon
-        mask = (u.reshape(rows.shape) < probs.double()).to(work).reshape(d.shape)
-    masked = d * mask
+        mask = (u.reshape(rows.shape) < probs.double()).numpy().reshape(-1)
+    masked = apply_mask(d, mask)  # = d * mask in the work dtype, bit for bit
     if factor is not None:
         masked = masked * factor
     return masked.to(delta.dtype)

@@ -19,10 +19,14 @@ def philox_key(seed: int, tensor: str, stream: int) -> np.ndarray:
     return np.frombuffer(digest, dtype=np.uint64).copy()
 
 
-def uniform(key: np.ndarray, start: int, n: int) -> np.ndarray:
-    """float64 uniforms in [0, 1) on a 2^-24 grid for elements ``[start, start + n)``."""
+def uniform_bits24(key: np.ndarray, start: int, n: int) -> np.ndarray:
+    """The top 24 bits (uint32) of elements ``[start, start + n)``' random numbers."""
     step, skip = divmod(start, 8)
     gen = np.random.Philox(key=key, counter=np.array([step, 0, 0, 0], dtype=np.uint64))
     raw = gen.random_raw((skip + n + 7) // 8 * 4).astype(np.uint64, copy=False)
-    bits = raw.view(np.uint32)[skip : skip + n]
-    return (bits >> 8).astype(np.float64) * 2.0**-24
+    return raw.view(np.uint32)[skip : skip + n] >> 8
+
+
+def uniform(key: np.ndarray, start: int, n: int) -> np.ndarray:
+    """float64 uniforms in [0, 1) on a 2^-24 grid for elements ``[start, start + n)``."""
+    return uniform_bits24(key, start, n).astype(np.float64) * 2.0**-24

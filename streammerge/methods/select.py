@@ -22,9 +22,8 @@ _INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.floa
 
 
 def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
-    """int64 keys ordered like |x| (for bf16, fp16 and fp32 tensors)."""
-    bits = x.contiguous().view(_INT_VIEW[x.dtype]).to(torch.int64)
-    return bits & _SIGN_CLEAR[x.dtype]
+    """Non-negative integer keys ordered like |x|: int16 for bf16/fp16, int32 for fp32."""
+    return x.contiguous().view(_INT_VIEW[x.dtype]) & _SIGN_CLEAR[x.dtype]
 
 
 def key_bits(dtype: torch.dtype) -> int:
@@ -46,7 +45,8 @@ def histogram(keys: torch.Tensor, shift: int, prefix: int | None, acc: np.ndarra
     ``shift + 16`` equal ``prefix`` count when a prefix is given."""
     if prefix is not None:
         keys = keys[(keys >> (shift + 16)) == prefix]
-    counts = torch.bincount((keys >> shift) & 0xFFFF, minlength=65536).cpu().numpy()
+    digits = keys >> shift if shift else keys if keys.dtype == torch.int16 else keys & 0xFFFF
+    counts = torch.bincount(digits, minlength=65536).cpu().numpy()
     if acc is None:
         return counts.astype(np.int64, copy=True)
     acc += counts  # in place: a fresh array per block would fragment the heap
