@@ -14,7 +14,6 @@ for torch.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +23,6 @@ __all__ = ["GTA", "SPECS", "BlockContext", "Kernel", "MethodSpec", "Param", "Sco
 
 _KERNELS: dict[str, Kernel] = {}
 _KERNEL_MODULES = ("linear", "gta", "slerp", "model_stock", "nearswap", "passthrough")
-_CONTEXT = frozenset({"ctx", "stats", "state"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,11 +40,6 @@ class Kernel:
     combine: Callable
     fold: Callable | None = None
     finish: Callable | None = None
-
-    @property
-    def wants(self) -> frozenset[str]:
-        """Which of ctx/stats/state ``combine`` takes."""
-        return _CONTEXT & set(inspect.signature(self.combine).parameters)
 
 
 def register(name: str, *, fold: Callable | None = None, finish: Callable | None = None):
