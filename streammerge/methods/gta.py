@@ -247,9 +247,25 @@ def _rounder(dtype: torch.dtype, n: int):
 
 
 def fast_combine_exact(dtype: torch.dtype, n_models: int) -> bool:
-    """Whether ``combine_fast`` reproduces torch's ``sum(dim=0)``: for fp32 torch adds the
-    models in order only up to 4 of them (measured on torch 2.13, CPU, 1-2 threads)."""
-    return dtype in _FAST_DTYPES and (dtype != torch.float32 or n_models <= 4)
+    """Whether ``combine_fast`` applies: it reproduces torch's ``sum(dim=0)``, which for fp32
+    adds the models in order only up to 4 of them (measured on torch 2.13, CPU, 1-2
+    threads), and its divisor table has 2^n entries (n <= 8)."""
+    return dtype in _FAST_DTYPES and n_models <= (4 if dtype == torch.float32 else 8)
+
+
+def _divisor_table(w: np.ndarray, rnd) -> np.ndarray:
+    """For every subset of models (bit m = model m agrees): the weights' in-order fp32 sum
+    rounded to D, as mergekit's ``(w * mask).sum(dim=0)``; 0 becomes 1 like its guard."""
+    table = np.zeros(1 << len(w), np.float32)
+    for code in range(len(table)):
+        acc = np.float32(0)
+        for m, wm in enumerate(w):
+            if code >> m & 1:
+                acc = np.float32(acc + wm)
+        table[code] = acc
+    table = rnd(table)
+    table[table == 0] = 1
+    return table
 
 
 def combine_fast(base, deltas, weights, consensus, normalize, lam):
@@ -261,7 +277,7 @@ def combine_fast(base, deltas, weights, consensus, normalize, lam):
     count and for fp32 up to 4 models); a Python scalar enters at fp32. numpy's comparisons
     and bool products are several times faster than torch's on CPU.
     """
-    rnd = _rounder(deltas.dtype, base.numel())
+    rnd = _rounder(deltas.dtype, max(base.numel(), 1 << len(weights)))
     b = base.float().numpy().reshape(-1)
     w = torch.tensor(weights, dtype=deltas.dtype).float().numpy()
     wd = [rnd(d.float().numpy().reshape(-1) * w[m]) for m, d in enumerate(deltas)]
@@ -269,15 +285,20 @@ def combine_fast(base, deltas, weights, consensus, normalize, lam):
         total = wd[0].copy()
         for x in wd[1:]:
             total += x
-        elected = np.where(rnd(total) >= 0, np.float32(1), np.float32(-1))
+        if deltas.dtype == torch.float32:
+            total = rnd(total)
+        # For 16-bit D rounding cannot change the sign: the sum of multiples of D's smallest
+        # subnormal is one too, so it never rounds to zero (and a zero stays zero).
+        elected = np.where(total >= 0, np.float32(1), np.float32(-1))
         masks = [x * elected > 0 for x in wd]  # sign(x) == elected; zeros never agree
         mixed = wd[0] * masks[0]
-        divisor = w[0] * masks[0]
-        for x, wm, mk in zip(wd[1:], w[1:], masks[1:]):
+        code = masks[0].view(np.uint8).copy()
+        for bit, (x, mk) in enumerate(zip(wd[1:], masks[1:]), start=1):
             mixed += x * mk
-            divisor += wm * mk
-        mixed, divisor = rnd(mixed), rnd(divisor)
-        divisor[divisor == 0] = 1
+            code |= mk.view(np.uint8) << bit
+        mixed = rnd(mixed)
+        # divisor = rnd(sum of the agreeing weights, in order): one of 2^n values, by table
+        divisor = _divisor_table(w, rnd)[code]
     else:
         mixed = wd[0].copy()
         for x in wd[1:]:
