@@ -223,7 +223,7 @@ def _check_values(cfg: MergeConfig, spec, fail) -> None:
         if total == 0:
             raise fail("parameters.normalize", "the weights sum to 0, so normalizing would divide by"
                        " zero; change a weight or set normalize: false")  # fmt: skip
-    if spec.param("epsilon") is not None:  # della: keep probabilities must stay inside (0, 1)
+    if spec.param("epsilon") is not None and spec.param("density") is not None:  # della's window
         for i, m in enumerate(cfg.models):
             if i == cfg.base_index:
                 continue

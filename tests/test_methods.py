@@ -169,6 +169,17 @@ def test_model_stock_hand_derived(filter_wise):
     assert out.tolist() == pytest.approx([0.8284271, 0.41421357], abs=1e-7)
 
 
+def test_ram_keeps_unique_changes_and_averages_shared_ones():
+    # TV1 = [1, 1, 0], TV2 = [0, 3, 0]; changed-by counts c = [1, 2, 0]
+    # element 0: only ft1 changed it -> 1; element 1: both -> (1 + 3) / 2 = 2; element 2: 0
+    xs = [t([1.0, 1.0, 0.0]), t([0.0, 3.0, 0.0]), t([0.0, 0.0, 0.0])]
+    assert merge_tensors("ram", xs, base_index=2).tolist() == [1.0, 2.0, 0.0]
+    # ramplus_tl: ft1 shares 1 element and owns 1 -> rho 1; ft2 shares 1, owns 0 -> rho 1/eps;
+    # both clamp to alpha 0.2: lambda = 1 + 0.1 * 0.2 = 1.02 scales ft1's unique change
+    out = merge_tensors("ramplus_tl", xs, base_index=2)
+    assert out.tolist() == pytest.approx([1.02, 2.0, 0.0], abs=1e-6)
+
+
 def test_passthrough_scales():
     assert merge_tensors("passthrough", [t([1.0, -3.0], bf16)], scale=[0.5]).tolist() == [0.5, -1.5]
 

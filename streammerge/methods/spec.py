@@ -165,6 +165,27 @@ SPECS: dict[str, MethodSpec] = {
             summary="base + t * (mean fine-tune - base), t from the angle between the deltas",
         ),  # fmt: skip
         MethodSpec(
+            "ram",
+            (Param("epsilon", float, Scope.SHARED, 1e-5, minimum=0.0),),
+            requires_base=True,
+            scratch_per_input=4,
+            scratch_fixed=6,
+            summary="changes made by one model kept whole, shared changes averaged",
+        ),  # fmt: skip
+        MethodSpec(
+            "ramplus_tl",
+            (
+                Param("r", float, Scope.SHARED, 0.1),
+                Param("alpha", float, Scope.SHARED, 0.2, minimum=0.0),
+                Param("epsilon", float, Scope.SHARED, 1e-5, minimum=0.0),
+            ),
+            requires_base=True,
+            scratch_per_input=5,
+            scratch_fixed=6,
+            passes=lambda work_dtype, shared: 1,
+            summary="ram with each model's unique changes boosted by its overlap ratio",
+        ),  # fmt: skip
+        MethodSpec(
             "nearswap",
             (Param("t", float, Scope.SHARED, minimum=0.0),),
             requires_base=True,
