@@ -33,6 +33,7 @@ NOT_YET = {
     "chat_template": "chat_template",
 }
 MODEL_KEYS = ("model", "parameters")
+METHODS_NOT_YET = ("nuslerp", "multislerp", "karcher", "sce", "arcee_fusion")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +140,8 @@ def from_dict(doc: Any, source: str = "<config>") -> MergeConfig:
     method = doc["merge_method"]
     if not isinstance(method, str):
         raise fail("merge_method", f"expected a method name, got {_describe(method)}")
+    if method in METHODS_NOT_YET:
+        raise fail("merge_method", f"{method} is a mergekit method streammerge does not implement yet")
     if method not in SPECS:
         raise fail("merge_method", _unknown("merge method", method, SPECS))
     spec = SPECS[method]

@@ -79,6 +79,8 @@ LIN = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\
         ("merge_method: linear\nmodels: [\n", "not valid YAML at line 3, column 1: expected the node content, but found '<stream end>'"),
         ("merge_method: linear\nmodels:\n  - model: a+lora\n", "models[0].model: LoRA references (base+adapter) are not supported yet, got 'a+lora'"),
         (LIN + "parameters: {weight: .inf}\n", "parameters.weight: expected a number, got inf"),
+        ("merge_method: karcher\nmodels: [a, b]\n",
+         "merge_method: karcher is a mergekit method streammerge does not implement yet"),
         ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, density: 1.5}\n",
          "models[0].parameters.density: must be <= 1, got 1.5"),
         ("merge_method: slerp\nbase_model: b\nmodels: [a]\nparameters: {t: -0.2}\n",
