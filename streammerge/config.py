@@ -33,7 +33,7 @@ NOT_YET = {
     "chat_template": "chat_template",
 }
 MODEL_KEYS = ("model", "parameters")
-METHODS_NOT_YET = ("nuslerp", "multislerp", "karcher", "sce", "arcee_fusion")
+METHODS_NOT_YET = ("multislerp", "karcher", "sce", "arcee_fusion")
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +226,12 @@ def _check_values(cfg: MergeConfig, spec, fail) -> None:
         if total == 0:
             raise fail("parameters.normalize", "the weights sum to 0, so normalizing would divide by"
                        " zero; change a weight or set normalize: false")  # fmt: skip
+    if spec.name == "nuslerp":
+        n_other = len(cfg.models) - (cfg.base_index is not None)
+        if n_other != 2:
+            raise fail("models", f"nuslerp merges exactly 2 models besides the base, got {n_other}")
+        if cfg.parameters.get("nuslerp_row_wise"):
+            raise fail("parameters.nuslerp_row_wise", "true (vectors along columns) is not supported yet")
     if spec.param("epsilon") is not None and spec.param("density") is not None:  # della's window
         for i, m in enumerate(cfg.models):
             if i == cfg.base_index:

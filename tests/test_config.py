@@ -79,6 +79,12 @@ LIN = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\
         ("merge_method: linear\nmodels: [\n", "not valid YAML at line 3, column 1: expected the node content, but found '<stream end>'"),
         ("merge_method: linear\nmodels:\n  - model: a+lora\n", "models[0].model: LoRA references (base+adapter) are not supported yet, got 'a+lora'"),
         (LIN + "parameters: {weight: .inf}\n", "parameters.weight: expected a number, got inf"),
+        ("merge_method: nuslerp\nmodels:\n  - {model: a, parameters: {weight: 1}}\n  - {model: b, parameters: {weight: 1}}\n"
+         "  - {model: c, parameters: {weight: 1}}\n",
+         "models: nuslerp merges exactly 2 models besides the base, got 3"),
+        ("merge_method: nuslerp\nmodels:\n  - {model: a, parameters: {weight: 1}}\n  - {model: b, parameters: {weight: 1}}\n"
+         "parameters: {nuslerp_row_wise: true}\n",
+         "parameters.nuslerp_row_wise: true (vectors along columns) is not supported yet"),
         ("merge_method: karcher\nmodels: [a, b]\n",
          "merge_method: karcher is a mergekit method streammerge does not implement yet"),
         ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, density: 1.5}\n",

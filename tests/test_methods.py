@@ -154,6 +154,17 @@ def test_slerp_hand_derived():
     ]
 
 
+@pytest.mark.parametrize("flatten", [True, False])
+def test_nuslerp_hand_derived(flatten):
+    # rows [1, 0] and [0, 1] (orthogonal unit vectors), equal weights -> t = 0.5, theta = pi/2:
+    # both coefficients sin(pi/4) / sin(pi/2); flattened, the 2x2 tensors are also orthogonal
+    p, q = t([[1.0, 0.0], [2.0, 0.0]]), t([[0.0, 1.0], [0.0, 2.0]])
+    out = merge_tensors("nuslerp", [p, q], weight=[1.0, 1.0], nuslerp_flatten=flatten)
+    assert out.reshape(-1).tolist() == pytest.approx(
+        [math.sqrt(0.5), math.sqrt(0.5), math.sqrt(2), math.sqrt(2)], abs=1e-6
+    )
+
+
 def test_nearswap_hand_derived():
     # |B - X| = [.05, .5, 2]; w = clamp(0.1 / |B - X|, 0, 1) = [1, .2, .05]; R = w*X + (1-w)*B
     out = merge_tensors("nearswap", [t([0.0, 0.0, 0.0]), t([0.05, 0.5, -2.0])], base_index=0, t=0.1)
@@ -187,7 +198,7 @@ def test_passthrough_scales():
 def _case(method: str, numel: int, dtype, gen):
     spec = SPECS[method]
     n = 1 if spec.max_inputs == 1 else 2 if spec.max_inputs == 2 else 3
-    base = n - 1 if spec.requires_base else None
+    base = n - 1 if spec.requires_base or method == "nuslerp" else None  # nuslerp: optional base
     xs = [(torch.randn(numel, generator=gen) * 0.02).to(dtype) for _ in range(n)]
     if base is not None:  # fine-tunes are the base plus a small delta
         xs = [xs[base] + x * 0.1 if i != base else xs[base] for i, x in enumerate(xs)]
@@ -205,20 +216,24 @@ def _case(method: str, numel: int, dtype, gen):
     return xs, base, kwargs
 
 
-@pytest.mark.parametrize("method, filter_wise", [(m, False) for m in sorted(SPECS)] + [("model_stock", True)])
+@pytest.mark.parametrize(
+    "method, filter_wise", [(m, False) for m in sorted(SPECS)] + [("model_stock", True), ("nuslerp", True)]
+)
 @pytest.mark.parametrize("dtype", [bf16, f32])
 def test_methods_are_chunk_and_thread_invariant(method, filter_wise, dtype):
     """Chunks and blocks of any size, and 1 or 2 threads, give the same bits as one call."""
     gen = torch.Generator().manual_seed(7)
     numel = (1 << 20) + 12_345 if method == "slerp" else 200_003  # several statistics blocks
     xs, base, kwargs = _case(method, numel, dtype, gen)
-    if SPECS[method].rows({"filter_wise": True}):  # rows of 1000: row-wise ranks need 2-D tensors
+    if SPECS[method].rows({"filter_wise": True, "nuslerp_flatten": False}):  # rows of 1000: 2-D tensors
         numel = 200_000
         xs = [x[:numel].reshape(200, 1000) for x in xs]
     if "rescale" in kwargs:
         kwargs["rescale"] = True
     if "filter_wise" in kwargs:  # model_stock: rows, and the whole-tensor statistics pass
         kwargs["filter_wise"] = filter_wise
+    if "nuslerp_flatten" in kwargs:  # nuslerp: the "filter_wise" flag means rows here
+        kwargs["nuslerp_flatten"] = not filter_wise
     whole = merge_tensors(method, xs, base_index=base, seed=1, **kwargs)
     old = torch.get_num_threads()
     try:

@@ -53,6 +53,12 @@ KNOWN_DIFFERENCES: dict[str, tuple[str, float]] = {
         0.5,
     ),
 }
+KNOWN_DIFFERENCES["nuslerp"] = (
+    "flattened nuslerp: the whole-tensor norms and cosine are summed in fp64 over fixed blocks and "
+    "rounded to the working dtype, mergekit sums in that dtype (torch's cascade); the cosine can "
+    "differ in its last bit (bf16: identical; fp32: ~5% of elements, per-row mode identical)",
+    0.1,
+)
 KNOWN_DIFFERENCES["breadcrumbs_ties"] = KNOWN_DIFFERENCES["breadcrumbs"]
 DTYPES = ("float32", "bfloat16")
 INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -154,6 +154,21 @@ SPECS: dict[str, MethodSpec] = {
             summary="spherical interpolation from the base (t = 0) to the other model (t = 1)",
         ),  # fmt: skip
         MethodSpec(
+            "nuslerp",
+            (
+                Param("weight", float, Scope.NON_BASE),
+                Param("nuslerp_flatten", bool, Scope.SHARED, True),
+                Param("nuslerp_row_wise", bool, Scope.SHARED, False),
+            ),
+            min_inputs=2,
+            max_inputs=3,
+            scratch_per_input=3,
+            scratch_fixed=6,
+            passes=lambda work_dtype, shared: 2 if shared.get("nuslerp_flatten", True) else 0,
+            rows=lambda shared: not shared.get("nuslerp_flatten", True),
+            summary="slerp between two models (or their task vectors), t from their weights",
+        ),  # fmt: skip
+        MethodSpec(
             "model_stock",
             (Param("filter_wise", bool, Scope.SHARED, False),),
             requires_base=True,

@@ -1,0 +1,80 @@
+"""``nuslerp``: spherical interpolation of two models (or of their task vectors from a
+base), with t from their weights: ``t = w_Q / (w_P + w_Q)`` (0.5 when the sum is ~0).
+mergekit 0.1.5's ``nuslerp``, all in the working dtype D with no upcast.
+
+``nuslerp_flatten`` (default) treats the tensor as one vector: its two norms and the cosine
+come from statistics passes, summed in fp64 over fixed blocks and rounded to D, where
+mergekit sums in D with torch's whole-tensor reduction, so the cosine can differ in its
+last bit (counted by the parity tool). Without flattening every row is its own vector and
+the computation is mergekit's own, bit for bit. ``nuslerp_row_wise`` (vectors along dim 0,
+i.e. columns) needs whole columns and is not supported yet.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import register
+
+EPS = 1e-8
+
+
+def _t(weight, others) -> float:
+    w0, w1 = (weight[i] for i in others)
+    total = w0 + w1
+    return 0.5 if abs(total) < 1e-6 else w1 / total
+
+
+def _vectors(xs, base_index):
+    """(base or None, v0, v1): the two inputs, as task vectors when there is a base."""
+    others = [i for i in range(len(xs)) if i != base_index]
+    base = xs[base_index] if base_index is not None else None
+    v0, v1 = (xs[i] for i in others)
+    if base is not None:
+        v0, v1 = v0 - base, v1 - base
+    return base, v0, v1, others
+
+
+def _angle(cos_theta):
+    colinear = (1 - cos_theta.square()) <= EPS**2
+    theta = torch.acos(torch.where(colinear, 0, cos_theta))
+    return colinear, theta, torch.sin(theta)
+
+
+def _interpolate(t, v0, v1, colinear, theta, sin_theta):
+    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
+    return torch.where(colinear, (1 - t) * v0 + t * v1, result)
+
+
+def nuslerp_fold(i, acc, xs, *, stats, base_index, weight, nuslerp_flatten=True, nuslerp_row_wise=False):
+    """Pass 0: sums of squares of v0 and v1 (fp32 squares, like torch.norm). Pass 1: the
+    dot product of the normalised vectors, products rounded to D as mergekit multiplies."""
+    _, v0, v1, _ = _vectors(xs, base_index)
+    a, b = acc or (0.0, 0.0)
+    if i == 0:
+        return a + v0.float().double().square().sum().item(), b + v1.float().double().square().sum().item()
+    n0, n1 = stats[0]
+    return a + ((v0 / n0) * (v1 / n1)).double().sum().item(), b
+
+
+def nuslerp_finish(i, acc, *, ctx, stats, base_index, weight, nuslerp_flatten=True, nuslerp_row_wise=False):
+    dtype = ctx.work_dtype
+    if i == 0:
+        return tuple(torch.tensor([s**0.5], dtype=dtype).clamp(min=1e-7) for s in acc)
+    return _angle(torch.tensor([acc[0]], dtype=dtype).clamp(-1, 1))
+
+
+@register("nuslerp", fold=nuslerp_fold, finish=nuslerp_finish)
+def nuslerp(xs, *, ctx, stats, base_index, weight, nuslerp_flatten=True, nuslerp_row_wise=False):
+    base, v0, v1, others = _vectors(xs, base_index)
+    t = _t(weight, others)
+    if nuslerp_flatten:
+        result = _interpolate(t, v0, v1, *stats[1])
+    else:  # each row (last dimension) is a vector: mergekit's computation on whole rows
+        row = ctx.shape[-1] if len(ctx.shape) >= 2 else v0.numel()
+        r0, r1 = v0.reshape(-1, row), v1.reshape(-1, row)
+        u0 = r0 / torch.norm(r0, dim=-1, keepdim=True).clamp(min=1e-7)
+        u1 = r1 / torch.norm(r1, dim=-1, keepdim=True).clamp(min=1e-7)
+        cos_theta = torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)
+        result = _interpolate(t, r0, r1, *_angle(cos_theta)).reshape(v0.shape)
+    return result if base is None else base + result
