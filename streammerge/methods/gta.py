@@ -99,14 +99,14 @@ def gta_fold(i: int, acc, xs, *, ctx, stats, state, base_index, weight, normaliz
 def gta_finish(i: int, acc, *, ctx, stats, base_index, weight, normalize, rescale=False,
                density=None, gamma=None, epsilon=None, int8_mask=False, **shared):  # fmt: skip
     """Turn a pass's folded counts into boundaries (select passes) or rescale factors (l1)."""
-    kind = _pass_kinds(ctx, ctx_dtype(ctx), rescale)[i]
+    kind = _pass_kinds(ctx, ctx.work_dtype, rescale)[i]
     n = int(np.prod(ctx.shape))
     sparsifier = GTA[ctx.method].sparsifier
     out = {}
     for m, counts in (acc or {}).items():
         if kind == "l1":
             work = (
-                _work_dtype(ctx_dtype(ctx)) if sparsifier in ("random", "della_magprune") else ctx_dtype(ctx)
+                _work_dtype(ctx.work_dtype) if sparsifier in ("random", "della_magprune") else ctx.work_dtype
             )
             before, after = (torch.tensor(v, dtype=work) for v in counts)
             ok = bool(before >= RESCALE_EPS) and bool(after >= RESCALE_EPS)
@@ -127,10 +127,6 @@ def gta_finish(i: int, acc, *, ctx, stats, base_index, weight, normalize, rescal
     return out
 
 
-def ctx_dtype(ctx: BlockContext) -> torch.dtype:
-    return ctx.work_dtype
-
-
 def _get(values, m):
     return None if values is None else values[m]
 
@@ -149,7 +145,7 @@ def _sparsify(delta, m, ctx, stats, state, density, gamma, epsilon, factor):
         if hi <= lo:
             return torch.zeros_like(delta)
         # Selection passes come first: the exact boundaries are the last of them.
-        boundaries = stats[1 if key_bits(ctx_dtype(ctx)) == 32 else 0][m]
+        boundaries = stats[1 if key_bits(ctx.work_dtype) == 32 else 0][m]
         seen = state.setdefault(("seen", m), {})
         # Tie order of a stable sort: descending for top-k, ascending for breadcrumbs.
         keep = keep_window(delta, *boundaries, lo, hi, seen, earliest_high=sparsifier == "magnitude")
