@@ -33,7 +33,6 @@ NOT_YET = {
     "chat_template": "chat_template",
 }
 MODEL_KEYS = ("model", "parameters")
-METHODS_NOT_YET = ("multislerp", "karcher", "sce", "arcee_fusion")
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,8 +139,6 @@ def from_dict(doc: Any, source: str = "<config>") -> MergeConfig:
     method = doc["merge_method"]
     if not isinstance(method, str):
         raise fail("merge_method", f"expected a method name, got {_describe(method)}")
-    if method in METHODS_NOT_YET:
-        raise fail("merge_method", f"{method} is a mergekit method streammerge does not implement yet")
     if method not in SPECS:
         raise fail("merge_method", _unknown("merge method", method, SPECS))
     spec = SPECS[method]
@@ -294,6 +291,10 @@ def _scalar(value: Any, param: Param, key: str, fail) -> Scalar:
         number = float(value)  # YAML 1.1 reads 1e-5 as a string; mergekit accepts it
     if number is None or not math.isfinite(number):
         raise fail(key, f"expected a number, got {_describe(value)}")
+    if param.kind is int:
+        if number != int(number):
+            raise fail(key, f"expected a whole number, got {_describe(value)}")
+        number = int(number)
     if param.minimum is not None and number < param.minimum:
         raise fail(key, f"must be >= {param.minimum:g}, got {number:g}")
     if param.maximum is not None and number > param.maximum:

@@ -35,3 +35,8 @@ class OutputError(StreamMergeError):
 
 class VerifyError(StreamMergeError):
     """A finished merge does not match its manifest (``streammerge verify``)."""
+
+
+class MethodError(StreamMergeError):
+    """A method's math is undefined for these inputs (e.g. multislerp's weighted mean of
+    antipodal directions is zero); names the tensor and what to change."""

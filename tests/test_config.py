@@ -85,8 +85,10 @@ LIN = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\
         ("merge_method: nuslerp\nmodels:\n  - {model: a, parameters: {weight: 1}}\n  - {model: b, parameters: {weight: 1}}\n"
          "parameters: {nuslerp_row_wise: true}\n",
          "parameters.nuslerp_row_wise: true (vectors along columns) is not supported yet"),
-        ("merge_method: karcher\nmodels: [a, b]\n",
-         "merge_method: karcher is a mergekit method streammerge does not implement yet"),
+        ("merge_method: karcher\nmodels: [a, b]\nparameters: {max_iter: 2.5}\n",
+         "parameters.max_iter: expected a whole number, got 2.5"),
+        ("merge_method: sce\nbase_model: b\nmodels: [a]\nparameters: {select_topk: 1.5}\n",
+         "parameters.select_topk: must be <= 1, got 1.5"),
         ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, density: 1.5}\n",
          "models[0].parameters.density: must be <= 1, got 1.5"),
         ("merge_method: slerp\nbase_model: b\nmodels: [a]\nparameters: {t: -0.2}\n",

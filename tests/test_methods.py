@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from streammerge.errors import MethodError
 from streammerge.execute import merge_tensors
 from streammerge.methods import SPECS, Scope, get_kernel
 
@@ -195,6 +196,66 @@ def test_passthrough_scales():
     assert merge_tensors("passthrough", [t([1.0, -3.0], bf16)], scale=[0.5]).tolist() == [0.5, -1.5]
 
 
+def test_multislerp_hand_derived():
+    # norms 1 and 2; unit vectors [1,0], [0,1]; mean of units [0.5,0.5] -> direction
+    # [1,1]/sqrt(2); mean norm 0.5*1 + 0.5*2 = 1.5 -> 1.5/sqrt(2) = 1.0606601717798212 each
+    out = merge_tensors("multislerp", [t([1.0, 0.0]), t([0.0, 2.0])], weight=[1.0, 1.0])
+    assert out.tolist() == pytest.approx([1.0606601717798212] * 2, rel=1e-6)
+    # with a base the same happens to the task vectors, then the base is added back
+    out = merge_tensors("multislerp", [t([2.0, 1.0]), t([1.0, 3.0]), t([1.0, 1.0])], base_index=2,
+                        weight=[1.0, 1.0, None])  # fmt: skip
+    assert out.tolist() == pytest.approx([2.0606601717798212] * 2, rel=1e-6)
+
+
+def test_multislerp_single_input_is_returned_and_antipodes_fall_back_or_fail():
+    assert merge_tensors("multislerp", [t([3.0, -1.0]), t([0.0, 0.0])], base_index=1,
+                         weight=[1.0, None]).tolist() == [3.0, -1.0]  # fmt: skip
+    # units [1,0] and [-1,0] with equal weights: zero mean; two inputs fall back to the
+    # weighted sum 0.5*[2,0] + 0.5*[-1,0] = [0.5, 0]
+    out = merge_tensors("multislerp", [t([2.0, 0.0]), t([-1.0, 0.0])], weight=[1.0, 1.0])
+    assert out.tolist() == [0.5, 0.0]
+    with pytest.raises(MethodError, match="weighted mean of the inputs' directions is zero"):
+        merge_tensors("multislerp", [t([1.0, 0.0]), t([-1.0, 0.0]), t([2.0, 0.0])], weight=[1.0, 2.0, 1.0])
+
+
+def test_karcher_hand_derived():
+    # directions [1,0] and [0,1]: their Karcher mean is the midpoint [1,1]/sqrt(2); the
+    # mean norm (3 + 1)/2 = 2 scales it: sqrt(2) = 1.4142135623730951 each
+    out = merge_tensors("karcher", [t([3.0, 0.0]), t([0.0, 1.0])])
+    assert out.tolist() == pytest.approx([1.4142135623730951] * 2, rel=1e-6)
+    # three directions 0, 60 and 90 degrees in a plane, equal norms 1: the Karcher mean is the
+    # angle minimising the squared arc distances, (0 + 60 + 90)/3 = 50 degrees
+    c60, s60 = math.cos(math.pi / 3), math.sin(math.pi / 3)
+    out = merge_tensors("karcher", [t([1.0, 0.0]), t([c60, s60]), t([0.0, 1.0])], max_iter=50, tol=1e-9)
+    expected = [math.cos(math.radians(50)), math.sin(math.radians(50))]
+    assert out.tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_sce_hand_derived():
+    base = t([0.0, 0.0, 0.0, 0.0])
+    x0, x1 = t([1.0, -2.0, 0.5, 0.0]), t([3.0, 2.0, 0.5, 0.0])
+    # all kept: signs from the sums [4, 0, 1, 0] -> all +; mean squares 5.25/4 and 13.25/4,
+    # weights 1.3125/4.625 and 3.3125/4.625; element 0: (1*w0 + 3*w1)/(w0 + w1) = 11.25/4.625;
+    # element 1: only x1 agrees -> 2; element 2: 0.5; element 3: nothing agrees (sign 0) -> 0
+    out = merge_tensors("sce", [x0, x1, base], base_index=2)
+    assert out.tolist() == pytest.approx([11.25 / 4.625, 2.0, 0.5, 0.0], rel=1e-6)
+    # select_topk 0.5: variances [1, 4, 0, 0], 2 nonzero -> k = 1: only element 1 survives;
+    # its sum is 0 -> sign +, only x1 agrees -> 2
+    out = merge_tensors("sce", [x0, x1, base], base_index=2, select_topk=0.5)
+    assert out.tolist() == [0.0, 2.0, 0.0, 0.0]
+
+
+def test_arcee_fusion_keeps_only_the_outlier_change():
+    # one row: I = |X - B| * KL(row), so I is proportional to |d|. Sorted |d| ranks
+    # int(q * 7) = 1, 3, 5 -> Q1 = 0.2, median 0.4, Q3 = 0.6 (times KL): threshold
+    # 0.4 + 1.5 * 0.4 = 1.0 (times KL); only the change of 5 reaches it
+    base = torch.zeros(8)
+    d = t([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 5.0])
+    out = merge_tensors("arcee_fusion", [base + d, base], base_index=1)
+    assert out.tolist() == [0.0] * 7 + [5.0]
+    assert merge_tensors("arcee_fusion", [(base + d).to(bf16), base.to(bf16)], base_index=1).dtype == bf16
+
+
 def _case(method: str, numel: int, dtype, gen):
     spec = SPECS[method]
     n = 1 if spec.max_inputs == 1 else 2 if spec.max_inputs == 2 else 3
@@ -208,7 +269,7 @@ def _case(method: str, numel: int, dtype, gen):
     kwargs: dict = {}
     for p in spec.params:
         if p.scope is Scope.SHARED:
-            kwargs[p.name] = {"t": 0.3, "lambda": 0.7}.get(p.name, p.default)
+            kwargs[p.name] = {"t": 0.3, "lambda": 0.7, "select_topk": 0.3}.get(p.name, p.default)
         else:
             kwargs[p.name] = [
                 None if (i == base and p.scope is Scope.NON_BASE) else values[p.name][i] for i in range(n)

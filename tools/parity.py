@@ -34,8 +34,9 @@ from streammerge.demo import make_demo_models
 
 ROOT = Path(__file__).resolve().parent.parent
 RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
-# method -> (why the tools differ, largest tolerated fraction of differing elements)
-KNOWN_DIFFERENCES: dict[str, tuple[str, float]] = {
+# method -> (why the tools differ, largest tolerated fraction of differing elements[, largest
+# tolerated difference relative to each tensor's largest magnitude])
+KNOWN_DIFFERENCES: dict[str, tuple] = {
     "ties": (
         "elements tied at the magnitude threshold: mergekit keeps an arbitrary subset (unstable "
         "torch.argsort), streammerge the lowest flat indices (= mergekit with stable=True)",
@@ -60,6 +61,23 @@ KNOWN_DIFFERENCES["nuslerp"] = (
     0.1,
 )
 KNOWN_DIFFERENCES["breadcrumbs_ties"] = KNOWN_DIFFERENCES["breadcrumbs"]
+KNOWN_DIFFERENCES["sce"] = (
+    "variances tied at the top-k threshold (common: demo weights are bf16 values): mergekit's "
+    "torch.topk keeps an arbitrary subset, streammerge the earliest flat indices; mean squares in fp64",
+    0.05,
+)
+KNOWN_DIFFERENCES["karcher"] = (
+    "streammerge iterates on the inputs' Gram matrix in fp64 and rounds once; mergekit rounds units and "
+    "the mean to the working dtype every step (fp32: ours ~100x closer to a float64 run of mergekit)",
+    1.0,
+    2**-6,
+)
+KNOWN_DIFFERENCES["multislerp"] = (
+    "mergekit's tangent-space sum is zero in exact arithmetic; it adds ~1 ulp of reduction-order noise "
+    "that streammerge leaves out (fp32: ours ~50x closer to a float64 run of mergekit)",
+    1.0,
+    2**-6,
+)
 DTYPES = ("float32", "bfloat16")
 INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -96,7 +114,7 @@ def compare(sm_dir: Path, mk_dir: Path, base_dir: Path | None, random: bool) -> 
     sm, mk = load_index(sm_dir), load_index(mk_dir)
     base = load_index(base_dir) if base_dir else {}
     r = {"missing": sorted(mk.keys() - sm.keys()), "extra": sorted(sm.keys() - mk.keys()), "mismatched": []}
-    r |= {"tensors": 0, "elements": 0, "differing": 0, "worst_ulps": 0}
+    r |= {"tensors": 0, "elements": 0, "differing": 0, "worst_ulps": 0, "worst_rel": 0.0}
     # per tool: [elements vs base, elements != base, sum of delta, sum of delta^2]
     acc = {"sm": np.zeros(4), "mk": np.zeros(4)}
     for name in sorted(sm.keys() & mk.keys()):
@@ -110,6 +128,9 @@ def compare(sm_dir: Path, mk_dir: Path, base_dir: Path | None, random: bool) -> 
         r["differing"] += int((ba != bb).sum())
         if ba.size:
             r["worst_ulps"] = max(r["worst_ulps"], int(np.abs(ordered(ba, a) - ordered(bb, b)).max()))
+            if a.is_floating_point():
+                scale = max(float(b.double().abs().max()), 1e-30)
+                r["worst_rel"] = max(r["worst_rel"], float((a.double() - b.double()).abs().max()) / scale)
         if random and name in base and a.is_floating_point():
             x = load(base[name], name).double()
             for tool, t in (("sm", a), ("mk", b)):
@@ -153,9 +174,9 @@ def verdict(method: str, r: dict) -> tuple[str, str]:
     if r["differing"] == 0:
         return "PASS", ""
     if method in KNOWN_DIFFERENCES:
-        why, bound = KNOWN_DIFFERENCES[method]
-        if r["differing"] <= bound * r["elements"]:
-            return "COUNTED", why
+        why, bound, *rel = KNOWN_DIFFERENCES[method]
+        if r["differing"] <= bound * r["elements"] and (not rel or r["worst_rel"] <= rel[0]):
+            return "COUNTED", f"{why} (worst difference {r['worst_rel']:.2g} of the tensor's largest value)"
     return "FAIL", f"{r['differing']} of {r['elements']} elements differ"
 
 

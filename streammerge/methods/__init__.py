@@ -22,7 +22,10 @@ from .spec import GTA, SPECS, MethodSpec, Param, Scope
 __all__ = ["GTA", "SPECS", "BlockContext", "Kernel", "MethodSpec", "Param", "Scope", "get_kernel", "register"]
 
 _KERNELS: dict[str, Kernel] = {}
-_KERNEL_MODULES = ("linear", "gta", "slerp", "nuslerp", "model_stock", "ram", "nearswap", "passthrough")
+_KERNEL_MODULES = (
+    "linear", "gta", "slerp", "nuslerp", "multislerp", "karcher", "sce", "model_stock", "ram", "nearswap",
+    "arcee_fusion", "passthrough",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ class Scope(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class Param:
     name: str
-    kind: type  # float or bool
+    kind: type  # float, int or bool
     scope: Scope
     default: float | bool | None = None  # None: required
     minimum: float | None = None
@@ -132,6 +132,16 @@ def _slerp_passes(work_dtype: str, shared: dict) -> int:
     return 2  # norms, then the dot product of the normalised tensors
 
 
+def _select_passes(work_dtype: str) -> int:
+    """Radix select over the bit patterns: 16 bits per pass."""
+    return 2 if work_dtype in ("F32", "F64") else 1
+
+
+def _sce_passes(work_dtype: str, shared: dict) -> int:
+    select = 0 < shared.get("select_topk", 1.0) < 1
+    return (_select_passes(work_dtype) if select else 0) + 1  # + the mean squares
+
+
 SPECS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in [
@@ -167,6 +177,54 @@ SPECS: dict[str, MethodSpec] = {
             passes=lambda work_dtype, shared: 2 if shared.get("nuslerp_flatten", True) else 0,
             rows=lambda shared: not shared.get("nuslerp_flatten", True),
             summary="slerp between two models (or their task vectors), t from their weights",
+        ),  # fmt: skip
+        MethodSpec(
+            "multislerp",
+            (
+                Param("weight", float, Scope.NON_BASE),
+                Param("normalize_weights", bool, Scope.SHARED, True),
+                Param("eps", float, Scope.SHARED, 1e-8, minimum=0.0),
+            ),
+            scratch_per_input=4,
+            scratch_fixed=4,
+            passes=lambda work_dtype, shared: 2,  # the norms, then the norm of the mean direction
+            summary="spherical barycentre of several models (or task vectors from a base), by weight",
+        ),  # fmt: skip
+        MethodSpec(
+            "karcher",
+            (
+                Param("max_iter", int, Scope.SHARED, 10, minimum=0),
+                Param("tol", float, Scope.SHARED, 1e-5, minimum=0.0),
+            ),
+            min_inputs=2,
+            scratch_per_input=4,
+            scratch_fixed=4,
+            passes=lambda work_dtype, shared: 1,  # the Gram matrix of the inputs
+            summary="Riemannian (Karcher) mean of the inputs' directions, times their mean norm",
+        ),  # fmt: skip
+        MethodSpec(
+            "sce",
+            (
+                Param("select_topk", float, Scope.SHARED, 1.0, minimum=0.0, maximum=1.0),
+                Param("int8_mask", bool, Scope.SHARED, False),  # mergekit: mask dtype only, no effect
+            ),
+            requires_base=True,
+            scratch_per_input=4,
+            scratch_fixed=6,
+            passes=_sce_passes,
+            summary="keep high-variance positions, elect signs, weight models by their delta energy",
+        ),  # fmt: skip
+        MethodSpec(
+            "arcee_fusion",
+            (),
+            requires_base=True,
+            min_inputs=2,
+            max_inputs=2,
+            scratch_per_input=4,
+            scratch_fixed=8,
+            passes=lambda work_dtype, shared: _select_passes(work_dtype),
+            rows=lambda shared: True,
+            summary="take the other model's changes where their KL-weighted importance is an outlier",
         ),  # fmt: skip
         MethodSpec(
             "model_stock",
