@@ -227,8 +227,6 @@ def _check_values(cfg: MergeConfig, spec, fail) -> None:
         n_other = len(cfg.models) - (cfg.base_index is not None)
         if n_other != 2:
             raise fail("models", f"nuslerp merges exactly 2 models besides the base, got {n_other}")
-        if cfg.parameters.get("nuslerp_row_wise"):
-            raise fail("parameters.nuslerp_row_wise", "true (vectors along columns) is not supported yet")
     if spec.param("epsilon") is not None and spec.param("density") is not None:  # della's window
         for i, m in enumerate(cfg.models):
             if i == cfg.base_index:

@@ -82,9 +82,6 @@ LIN = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\
         ("merge_method: nuslerp\nmodels:\n  - {model: a, parameters: {weight: 1}}\n  - {model: b, parameters: {weight: 1}}\n"
          "  - {model: c, parameters: {weight: 1}}\n",
          "models: nuslerp merges exactly 2 models besides the base, got 3"),
-        ("merge_method: nuslerp\nmodels:\n  - {model: a, parameters: {weight: 1}}\n  - {model: b, parameters: {weight: 1}}\n"
-         "parameters: {nuslerp_row_wise: true}\n",
-         "parameters.nuslerp_row_wise: true (vectors along columns) is not supported yet"),
         ("merge_method: karcher\nmodels: [a, b]\nparameters: {max_iter: 2.5}\n",
          "parameters.max_iter: expected a whole number, got 2.5"),
         ("merge_method: sce\nbase_model: b\nmodels: [a]\nparameters: {select_topk: 1.5}\n",

@@ -166,6 +166,15 @@ def test_nuslerp_hand_derived(flatten):
     )
 
 
+def test_nuslerp_row_wise_slerps_each_column():
+    # columns are the vectors: column 0 is [1,0] -> [0,1], column 1 is [2,0] -> [0,2]; both at
+    # 90 degrees, t = 0.5: sin(45°)·(v0 + v1) = [0.7071, 0.7071] and [1.4142, 1.4142]
+    v0, v1 = t([[1.0, 2.0], [0.0, 0.0]]), t([[0.0, 0.0], [1.0, 2.0]])
+    out = merge_tensors("nuslerp", [v0, v1], weight=[1.0, 1.0], nuslerp_flatten=False, nuslerp_row_wise=True)
+    r = math.sqrt(0.5)
+    assert out.flatten().tolist() == pytest.approx([r, 2 * r, r, 2 * r], rel=1e-6)
+
+
 def test_nearswap_hand_derived():
     # |B - X| = [.05, .5, 2]; w = clamp(0.1 / |B - X|, 0, 1) = [1, .2, .05]; R = w*X + (1-w)*B
     out = merge_tensors("nearswap", [t([0.0, 0.0, 0.0]), t([0.05, 0.5, -2.0])], base_index=0, t=0.1)

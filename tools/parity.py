@@ -63,14 +63,15 @@ KNOWN_DIFFERENCES["nuslerp"] = (
 KNOWN_DIFFERENCES["breadcrumbs_ties"] = KNOWN_DIFFERENCES["breadcrumbs"]
 KNOWN_DIFFERENCES["sce"] = (
     "variances tied at the top-k threshold (common: demo weights are bf16 values): mergekit's "
-    "torch.topk keeps an arbitrary subset, streammerge the earliest flat indices; mean squares in fp64",
-    0.05,
+    "torch.topk keeps an arbitrary subset, streammerge the earliest flat indices; mean squares in fp64 (demo: bf16 0.5%, fp32 4.5% of elements)",
+    0.08,
 )
 KNOWN_DIFFERENCES["karcher"] = (
     "streammerge iterates on the inputs' Gram matrix in fp64 and rounds once; mergekit rounds units and "
-    "the mean to the working dtype every step (fp32: ours ~100x closer to a float64 run of mergekit)",
+    "the mean to the working dtype every step (float64 run of mergekit as the yardstick: fp32 ours 100x "
+    "closer; bf16 ours within output rounding, mergekit about 2x further)",
     1.0,
-    2**-6,
+    2**-5,
 )
 KNOWN_DIFFERENCES["multislerp"] = (
     "mergekit's tangent-space sum is zero in exact arithmetic; it adds ~1 ulp of reduction-order noise "

@@ -6,12 +6,14 @@ mergekit 0.1.5's ``nuslerp``, all in the working dtype D with no upcast.
 come from statistics passes, summed in fp64 over fixed blocks and rounded to D, where
 mergekit sums in D with torch's whole-tensor reduction, so the cosine can differ in its
 last bit (counted by the parity tool). Without flattening every row is its own vector and
-the computation is mergekit's own, bit for bit. ``nuslerp_row_wise`` (vectors along dim 0,
-i.e. columns) needs whole columns and is not supported yet.
+the computation is mergekit's own, bit for bit. ``nuslerp_row_wise`` (without flattening;
+vectors along dim 0, i.e. the columns of a matrix, the reverse of mergekit's docs' wording)
+gets each column's norms and cosine from the same two passes, one fp64 sum per column.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import register
@@ -46,22 +48,48 @@ def _interpolate(t, v0, v1, colinear, theta, sin_theta):
     return torch.where(colinear, (1 - t) * v0 + t * v1, result)
 
 
-def nuslerp_fold(i, acc, xs, *, stats, base_index, weight, nuslerp_flatten=True, nuslerp_row_wise=False):
+def _vector_count(ctx) -> int:
+    """Row-wise mode: how many vectors along dim 0 (the positions past dim 0)."""
+    return int(np.prod(ctx.shape)) // ctx.shape[0] if len(ctx.shape) >= 2 else 1
+
+
+def _columns(ctx, n: int) -> torch.Tensor:
+    """Row-wise mode: the vector of each element of the block at ``ctx.offset``."""
+    return torch.arange(ctx.offset, ctx.offset + n) % _vector_count(ctx)
+
+
+def _sum(values: torch.Tensor, columns: torch.Tensor | None, size: int, acc):
+    """fp64 sum of ``values`` (per vector when ``columns`` is given), added to ``acc``."""
+    values = values.double().reshape(-1)
+    if columns is None:
+        total = values.sum().reshape(1)
+    else:
+        total = torch.zeros(size, dtype=torch.float64).index_add_(0, columns, values)
+    return total if acc is None else acc.add_(total)
+
+
+def _per_element(stat: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+    return stat if columns is None else stat[columns]
+
+
+def nuslerp_fold(i, acc, xs, *, ctx, stats, base_index, weight, nuslerp_flatten=True, nuslerp_row_wise=False):
     """Pass 0: sums of squares of v0 and v1 (fp32 squares, like torch.norm). Pass 1: the
-    dot product of the normalised vectors, products rounded to D as mergekit multiplies."""
+    dot product of the normalised vectors, products rounded to D as mergekit multiplies.
+    Flattened: one sum each; row-wise: one per column (vector along dim 0)."""
     _, v0, v1, _ = _vectors(xs, base_index)
-    a, b = acc or (0.0, 0.0)
+    columns, size = (None, 1) if nuslerp_flatten else (_columns(ctx, v0.numel()), _vector_count(ctx))
+    a, b = acc or (None, None)
     if i == 0:
-        return a + v0.float().double().square().sum().item(), b + v1.float().double().square().sum().item()
-    n0, n1 = stats[0]
-    return a + ((v0 / n0) * (v1 / n1)).double().sum().item(), b
+        return _sum(v0.float().square(), columns, size, a), _sum(v1.float().square(), columns, size, b)
+    n0, n1 = (_per_element(n, columns) for n in stats[0])
+    return _sum((v0 / n0) * (v1 / n1), columns, size, a), None
 
 
 def nuslerp_finish(i, acc, *, ctx, stats, base_index, weight, nuslerp_flatten=True, nuslerp_row_wise=False):
     dtype = ctx.work_dtype
     if i == 0:
-        return tuple(torch.tensor([s**0.5], dtype=dtype).clamp(min=1e-7) for s in acc)
-    return _angle(torch.tensor([acc[0]], dtype=dtype).clamp(-1, 1))
+        return tuple(s.sqrt().to(dtype).clamp(min=1e-7) for s in acc)
+    return _angle(acc[0].to(dtype).clamp(-1, 1))
 
 
 @register("nuslerp", fold=nuslerp_fold, finish=nuslerp_finish)
@@ -70,6 +98,9 @@ def nuslerp(xs, *, ctx, stats, base_index, weight, nuslerp_flatten=True, nuslerp
     t = _t(weight, others)
     if nuslerp_flatten:
         result = _interpolate(t, v0, v1, *stats[1])
+    elif nuslerp_row_wise:  # vectors along dim 0: each element takes its column's angle
+        columns = _columns(ctx, v0.numel())
+        result = _interpolate(t, v0, v1, *(_per_element(s, columns) for s in stats[1]))
     else:  # each row (last dimension) is a vector: mergekit's computation on whole rows
         row = ctx.shape[-1] if len(ctx.shape) >= 2 else v0.numel()
         r0, r1 = v0.reshape(-1, row), v1.reshape(-1, row)

@@ -132,6 +132,11 @@ def _slerp_passes(work_dtype: str, shared: dict) -> int:
     return 2  # norms, then the dot product of the normalised tensors
 
 
+def _nuslerp_stats(shared: dict) -> bool:
+    """Flattened or row-wise (column vectors) nuslerp needs norm and cosine passes."""
+    return shared.get("nuslerp_flatten", True) or shared.get("nuslerp_row_wise", False)
+
+
 def _select_passes(work_dtype: str) -> int:
     """Radix select over the bit patterns: 16 bits per pass."""
     return 2 if work_dtype in ("F32", "F64") else 1
@@ -174,8 +179,8 @@ SPECS: dict[str, MethodSpec] = {
             max_inputs=3,
             scratch_per_input=3,
             scratch_fixed=6,
-            passes=lambda work_dtype, shared: 2 if shared.get("nuslerp_flatten", True) else 0,
-            rows=lambda shared: not shared.get("nuslerp_flatten", True),
+            passes=lambda work_dtype, shared: 2 if _nuslerp_stats(shared) else 0,
+            rows=lambda shared: not _nuslerp_stats(shared),
             summary="slerp between two models (or their task vectors), t from their weights",
         ),  # fmt: skip
         MethodSpec(
