@@ -282,6 +282,10 @@ def _scalar(value: Any, param: Param, key: str, fail) -> Scalar:
         if isinstance(value, bool):
             return value
         raise fail(key, f"expected true or false, got {_describe(value)}")
+    if param.kind is str:
+        if value in param.choices:
+            return value
+        raise fail(key, f"expected one of {', '.join(param.choices)}, got {_describe(value)}")
     number: float | None = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         number = float(value)

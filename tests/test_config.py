@@ -86,6 +86,8 @@ LIN = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\
          "parameters.max_iter: expected a whole number, got 2.5"),
         ("merge_method: sce\nbase_model: b\nmodels: [a]\nparameters: {select_topk: 1.5}\n",
          "parameters.select_topk: must be <= 1, got 1.5"),
+        ("merge_method: ties\nbase_model: b\nmodels: [a]\nparameters: {sign_election: paper}\n",
+         "parameters.sign_election: expected one of weighted, unweighted, got 'paper'"),
         ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, density: 1.5}\n",
          "models[0].parameters.density: must be <= 1, got 1.5"),
         ("merge_method: slerp\nbase_model: b\nmodels: [a]\nparameters: {t: -0.2}\n",
@@ -94,7 +96,7 @@ LIN = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\
          "base_model: required by merge_method ties, but not set"),
         ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, t: 0.5}\n",
          "models[0].parameters.t: unknown ties parameter 't'; expected one of: weight, normalize, lambda,"
-         " int8_mask, density, rescale"),
+         " int8_mask, density, rescale, rescale_mode, sign_election"),
         ("merge_method: task_arithmetic\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1, density: 0.5}\n",
          "models[0].parameters.density: unknown task_arithmetic parameter 'density'; expected one of:"
          " weight, normalize, lambda, int8_mask"),

@@ -205,6 +205,42 @@ def test_passthrough_scales():
     assert merge_tensors("passthrough", [t([1.0, -3.0], bf16)], scale=[0.5]).tolist() == [0.5, -1.5]
 
 
+def test_ties_unweighted_sign_election_follows_the_paper():
+    base, x0, x1 = t([0.0]), t([1.0]), t([-3.0])
+    # mergekit elects from weighted deltas: 0.9*1 + 0.1*(-3) = 0.6 > 0 -> x0 alone: 0.9*1/0.9 = 1
+    assert merge_tensors("ties", [x0, x1, base], base_index=2, weight=[0.9, 0.1, None],
+                         density=[1.0, 1.0, None]).tolist() == [1.0]  # fmt: skip
+    # the TIES paper elects from the task vectors themselves: 1 - 3 < 0 -> x1 alone: -3
+    out = merge_tensors("ties", [x0, x1, base], base_index=2, weight=[0.9, 0.1, None],
+                        density=[1.0, 1.0, None], sign_election="unweighted")  # fmt: skip
+    assert out.tolist() == [-3.0]
+
+
+def test_dare_rescale_by_density_divides_kept_deltas_by_p():
+    # DARE paper: a kept delta becomes delta / p; with p = 0.5 every output is 0 or 2*delta
+    gen = torch.Generator().manual_seed(3)
+    base = torch.zeros(20_000)
+    delta = torch.randn(20_000, generator=gen)
+    out = merge_tensors("dare_linear", [base + delta, base], base_index=1, weight=[1.0, None],
+                        density=[0.5, None], rescale_mode="density")  # fmt: skip
+    kept = out != 0
+    assert torch.equal(out[kept], 2 * delta[kept])
+    assert abs(kept.float().mean().item() - 0.5) < 0.02
+
+
+def test_della_rescale_by_density_divides_by_each_elements_p():
+    # rows of 3: ranks of |delta| 0, 1, 2 -> p = 0.5 - 0.2, 0.5, 0.5 + 0.2 = 0.3, 0.5, 0.7
+    rows = torch.tensor([[1.0, -2.0, 3.0]]).repeat(3000, 1)
+    base = torch.zeros_like(rows)
+    out = merge_tensors("della_linear", [rows, base], base_index=1, weight=[1.0, None],
+                        density=[0.5, None], epsilon=[0.2, None], rescale_mode="density")  # fmt: skip
+    p = torch.tensor([0.3, 0.5, 0.7])
+    expected = rows / p
+    kept = out != 0
+    assert torch.allclose(out[kept], expected[kept], rtol=1e-6)
+    assert kept.float().mean(dim=0).tolist() == pytest.approx([0.3, 0.5, 0.7], abs=0.03)
+
+
 def test_multislerp_hand_derived():
     # norms 1 and 2; unit vectors [1,0], [0,1]; mean of units [0.5,0.5] -> direction
     # [1,1]/sqrt(2); mean norm 0.5*1 + 0.5*2 = 1.5 -> 1.5/sqrt(2) = 1.0606601717798212 each
@@ -325,7 +361,7 @@ def test_spec_params_match_kernel_signature(method):
     accepted = {n for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY} - context
     takes_var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
     names = {p.name for p in SPECS[method].params}
-    assert accepted <= names | {"gamma", "epsilon", "density", "rescale"}
+    assert accepted <= names | {"gamma", "epsilon", "density", "rescale", "rescale_mode", "sign_election"}
     assert names - accepted == set() or takes_var_kw
 
 

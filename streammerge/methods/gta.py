@@ -22,6 +22,10 @@ Deliberate differences, each because mergekit's choice depends on the machine or
 - L1 rescale norms are summed in fp64 over fixed 64K-element blocks, then rounded to the
   work dtype (mergekit: torch's whole-tensor sum), so a rescale factor can differ in the
   last bit.
+Paper-faithful options (ours; mergekit's behaviour is the default): ``sign_election:
+unweighted`` elects signs from the pruned deltas before weighting (TIES paper, §3);
+``rescale_mode: density`` divides kept deltas by their keep probability (DARE eq. 2; DELLA
+§3.1 per element) instead of the L1 factor.
 """
 
 from __future__ import annotations
@@ -68,10 +72,10 @@ def _prunes(density: float | None) -> bool:
 
 
 def gta_fold(i: int, acc, xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False,
-             density=None, gamma=None, epsilon=None, int8_mask=False, **shared):  # fmt: skip
+             density=None, gamma=None, epsilon=None, int8_mask=False, rescale_mode="l1", **shared):  # fmt: skip
     """Statistics pass ``i`` over one block: histograms for the magnitude windows, or the
     L1 norms of each delta before and after pruning."""
-    kind = _pass_kinds(ctx, xs[0].dtype, rescale)[i]
+    kind = _pass_kinds(ctx, xs[0].dtype, rescale and rescale_mode == "l1")[i]
     base = xs[base_index]
     acc = dict(acc or {})
     for m in _others(xs, base_index):
@@ -80,7 +84,7 @@ def gta_fold(i: int, acc, xs, *, ctx, stats, state, base_index, weight, normaliz
         delta = xs[m] - base
         if kind == "l1":
             pruned = _sparsify(
-                delta, m, ctx, stats, state, density[m], _get(gamma, m), _get(epsilon, m), None
+                delta, m, ctx, stats, state, density[m], _get(gamma, m), _get(epsilon, m), None, False
             )
             before, after = acc.get(m, (0.0, 0.0))
             acc[m] = (before + delta.abs().double().sum().item(), after + pruned.abs().double().sum().item())
@@ -97,9 +101,9 @@ def gta_fold(i: int, acc, xs, *, ctx, stats, state, base_index, weight, normaliz
 
 
 def gta_finish(i: int, acc, *, ctx, stats, base_index, weight, normalize, rescale=False,
-               density=None, gamma=None, epsilon=None, int8_mask=False, **shared):  # fmt: skip
+               density=None, gamma=None, epsilon=None, int8_mask=False, rescale_mode="l1", **shared):  # fmt: skip
     """Turn a pass's folded counts into boundaries (select passes) or rescale factors (l1)."""
-    kind = _pass_kinds(ctx, ctx.work_dtype, rescale)[i]
+    kind = _pass_kinds(ctx, ctx.work_dtype, rescale and rescale_mode == "l1")[i]
     n = int(np.prod(ctx.shape))
     sparsifier = GTA[ctx.method].sparsifier
     out = {}
@@ -136,8 +140,9 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype == torch.bfloat16 else torch.float32
 
 
-def _sparsify(delta, m, ctx, stats, state, density, gamma, epsilon, factor):
-    """Prune model ``m``'s delta block; ``factor`` is its L1 rescale (None: no rescale)."""
+def _sparsify(delta, m, ctx, stats, state, density, gamma, epsilon, factor, by_density):
+    """Prune model ``m``'s delta block; ``factor`` is its L1 rescale (None: none), and
+    ``by_density`` divides each kept element by its keep probability instead (papers)."""
     sparsifier = GTA[ctx.method].sparsifier
     if sparsifier in ("magnitude", "magnitude_outliers"):
         n = int(np.prod(ctx.shape))
@@ -150,6 +155,8 @@ def _sparsify(delta, m, ctx, stats, state, density, gamma, epsilon, factor):
         # Tie order of a stable sort: descending for top-k, ascending for breadcrumbs.
         keep = keep_window(delta, *boundaries, lo, hi, seen, earliest_high=sparsifier == "magnitude")
         masked = apply_mask(delta, keep)
+        if by_density:
+            return masked / max(density, 1e-30)
         return masked if factor is None else masked * factor
     work = _work_dtype(delta.dtype)
     d = delta.to(work)
@@ -158,6 +165,7 @@ def _sparsify(delta, m, ctx, stats, state, density, gamma, epsilon, factor):
         # keep where u < p, u on a 2^-24 grid: compare the 24-bit integers with ceil(p * 2^24)
         p = torch.tensor(density, dtype=work).item()  # mergekit: full_like(δ, density, work)
         mask = uniform_bits24(key, ctx.offset, d.numel()) < np.uint32(math.ceil(p * 2**24))
+        keep_p = p  # DARE (Yu et al. 2024, eq. 2): kept deltas / p
     else:  # della_magprune: keep probability linear in the magnitude's rank within its row
         if density <= 0:
             return torch.zeros_like(delta)
@@ -171,14 +179,18 @@ def _sparsify(delta, m, ctx, stats, state, density, gamma, epsilon, factor):
         rank_norm = ((ranks - lo_r) / (hi_r - lo_r)).clamp(0, 1)
         probs = (density - epsilon) + rank_norm * 2 * epsilon
         mask = (u.reshape(rows.shape) < probs.double()).numpy().reshape(-1)
+        keep_p = probs.reshape(-1)  # DELLA (Deep et al. 2024, §3.1): each kept delta / its p_i
     masked = apply_mask(d, mask)  # = d * mask in the work dtype, bit for bit
-    if factor is not None:
+    if by_density:  # a dropped element is a zero; p = 0 only where nothing is kept
+        masked = masked / torch.as_tensor(keep_p, dtype=work).clamp(min=torch.finfo(work).tiny)
+    elif factor is not None:
         masked = masked * factor
     return masked.to(delta.dtype)
 
 
 def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, density=None,
-        gamma=None, epsilon=None, int8_mask=False, **shared):  # fmt: skip
+        gamma=None, epsilon=None, int8_mask=False, rescale_mode="l1", sign_election="weighted",
+        **shared):  # fmt: skip
     """Merge one block: xs in dtype D, the base at ``base_index``. ``lambda`` arrives in
     ``shared`` (a Python keyword). Returns dtype D."""
     lam = shared.pop("lambda", 1.0)
@@ -188,28 +200,35 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
     if not others:
         return base
     preset = GTA[ctx.method]
-    factors = stats[-1] if preset.sparsifier is not None and rescale and stats else {}
+    l1 = rescale and rescale_mode == "l1"
+    factors = stats[-1] if preset.sparsifier is not None and l1 and stats else {}
     deltas = base.new_empty((len(others), *base.shape))  # (n_models, *block)
     for row, m in enumerate(others):
         delta = xs[m] - base
         if preset.sparsifier is not None and _prunes(density[m]):
             delta = _sparsify(delta, m, ctx, stats, state, density[m], _get(gamma, m), _get(epsilon, m),
-                              factors.get(m))  # fmt: skip
+                              factors.get(m), rescale and rescale_mode == "density")  # fmt: skip
         deltas[row] = delta
     weights = [weight[m] for m in others]
+    if preset.consensus == "sum" and sign_election == "unweighted":
+        return combine_eager(base, deltas, weights, preset.consensus, normalize, lam, weighted_election=False)
     if deltas.device.type == "cpu" and fast_combine_exact(deltas.dtype, len(others)):
         return combine_fast(base, deltas, weights, preset.consensus, normalize, lam)
     return combine_eager(base, deltas, weights, preset.consensus, normalize, lam)
 
 
-def combine_eager(base, deltas, weights, consensus, normalize, lam):
-    """mergekit's own op sequence on (n_models, *block) pruned deltas in dtype D."""
+def combine_eager(base, deltas, weights, consensus, normalize, lam, weighted_election=True):
+    """mergekit's own op sequence on (n_models, *block) pruned deltas in dtype D. With
+    ``weighted_election=False`` the signs are elected from the unweighted deltas, as in the
+    TIES paper (Yadav et al. 2023, §3 step 2: γ = sgn(Σ τ̂_t)); the rest is unchanged."""
     w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device)
     w = w.reshape((len(weights),) + (1,) * base.dim())
+    unweighted = deltas
     deltas = deltas * w
     if consensus == "sum":  # mergekit's get_mask(method="sum"): a bool mask
-        elected = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
-        mask = deltas.sign() == elected
+        voters = deltas if weighted_election else unweighted
+        elected = (voters.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+        mask = voters.sign() == elected
         mixed = (deltas * mask).sum(dim=0)
         divisor = (w * mask).sum(dim=0)
         divisor[divisor == 0] = 1

@@ -23,11 +23,12 @@ class Scope(enum.Enum):
 @dataclass(frozen=True, slots=True)
 class Param:
     name: str
-    kind: type  # float, int or bool
+    kind: type  # float, int, bool or str (one of ``choices``)
     scope: Scope
-    default: float | bool | None = None  # None: required
+    default: float | bool | str | None = None  # None: required
     minimum: float | None = None
     maximum: float | None = None
+    choices: tuple[str, ...] = ()
 
     @property
     def required(self) -> bool:
@@ -98,7 +99,11 @@ def _gta_passes(preset: GTAPreset) -> Callable[[str, dict], int]:
         n = 0
         if preset.sparsifier in ("magnitude", "magnitude_outliers"):
             n += 2 if work_dtype in ("F32", "F64") else 1  # radix select: 16 bits per pass
-        if preset.sparsifier is not None and shared.get("rescale"):
+        if (
+            preset.sparsifier is not None
+            and shared.get("rescale")
+            and shared.get("rescale_mode") != "density"
+        ):
             n += 1  # L1 norms of the deltas before and after pruning
         return n
 
@@ -116,7 +121,16 @@ def _gta_spec(name: str, preset: GTAPreset) -> MethodSpec:
         params += [
             Param("density", float, Scope.NON_BASE, 1.0, minimum=0.0, maximum=1.0),
             Param("rescale", bool, Scope.SHARED, preset.rescale),
+            # streammerge's own: "density" divides kept deltas by their keep probability (the
+            # DARE and DELLA papers) instead of mergekit's L1-norm-preserving factor
+            Param("rescale_mode", str, Scope.SHARED, "l1", choices=("l1", "density")),
         ]
+    if preset.consensus == "sum":
+        # streammerge's own: "unweighted" elects signs from the pruned task vectors before
+        # weighting, as the TIES paper does; mergekit elects from the weighted ones
+        params.append(
+            Param("sign_election", str, Scope.SHARED, "weighted", choices=("weighted", "unweighted"))
+        )
     if preset.sparsifier == "magnitude_outliers":
         params.append(Param("gamma", float, Scope.NON_BASE, 0.01, minimum=0.0, maximum=1.0))
     if preset.sparsifier == "della_magprune":
