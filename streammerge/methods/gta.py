@@ -35,8 +35,8 @@ import math
 import numpy as np
 import torch
 
-from . import BlockContext, register
-from .rng import philox_key, uniform, uniform_bits24
+from . import BlockContext, register, select
+from .rng import stream_key, uniform, uniform_bits24
 from .select import Boundary, apply_mask, histogram, keep_window, key_bits, locate, magnitude_keys
 from .spec import GTA
 
@@ -160,7 +160,7 @@ def _sparsify(delta, m, ctx, stats, state, density, gamma, epsilon, factor, by_d
         return masked if factor is None else masked * factor
     work = _work_dtype(delta.dtype)
     d = delta.to(work)
-    key = philox_key(ctx.seed, ctx.tensor, m)
+    key = stream_key(ctx.seed, ctx.tensor, m)
     if sparsifier == "random":
         # keep where u < p, u on a 2^-24 grid: compare the 24-bit integers with ceil(p * 2^24)
         p = torch.tensor(density, dtype=work).item()  # mergekit: full_like(δ, density, work)
@@ -169,16 +169,18 @@ def _sparsify(delta, m, ctx, stats, state, density, gamma, epsilon, factor, by_d
     else:  # della_magprune: keep probability linear in the magnitude's rank within its row
         if density <= 0:
             return torch.zeros_like(delta)
-        u = torch.from_numpy(uniform(key, ctx.offset, d.numel()))
+        u = uniform(key, ctx.offset, d.numel())
         rows = d.reshape(-1, ctx.shape[-1] if len(ctx.shape) >= 2 else d.numel())
-        order = torch.sort(rows.abs(), dim=1, stable=True).indices
-        ranks = torch.empty_like(order)
-        ranks.scatter_(1, order, torch.arange(rows.shape[1]).expand_as(order).contiguous())
-        ranks = ranks.to(work) + 1
+        # ranks of |delta| within each row, ties by position (a stable sort); numpy sorts
+        # 16-bit keys by radix, 10x faster than torch.sort
+        order = np.argsort(select.magnitude_keys_np(rows).reshape(rows.shape), axis=1, kind="stable")
+        ranks = np.empty_like(order)
+        np.put_along_axis(ranks, order, np.broadcast_to(np.arange(rows.shape[1]), order.shape), axis=1)
+        ranks = torch.from_numpy(ranks).to(work) + 1
         lo_r, hi_r = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
         rank_norm = ((ranks - lo_r) / (hi_r - lo_r)).clamp(0, 1)
         probs = (density - epsilon) + rank_norm * 2 * epsilon
-        mask = (u.reshape(rows.shape) < probs.double()).numpy().reshape(-1)
+        mask = (u.reshape(rows.shape) < probs.float().numpy()).reshape(-1)  # both exact in fp32
         keep_p = probs.reshape(-1)  # DELLA (Deep et al. 2024, §3.1): each kept delta / its p_i
     masked = apply_mask(d, mask)  # = d * mask in the work dtype, bit for bit
     if by_density:  # a dropped element is a zero; p = 0 only where nothing is kept
