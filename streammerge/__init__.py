@@ -11,6 +11,7 @@ The package reads like the pipeline (DESIGN.md §1)::
     write       OUT.partial/, pwrite at planned offsets, manifest, atomic rename; verify
     cli         click commands: parse -> one library call -> render
     demo        small deterministic Llama-shaped checkpoints and configs
+    sweep       'models[1].parameters.weight=0.2,0.4' -> a grid of named config variants
     errors      the one-line error family
 
 Front door: ``merge(config, out, **options)``, ``plan(config)``, ``verify(out)``.
