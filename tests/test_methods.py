@@ -14,7 +14,7 @@ import torch
 
 from streammerge.errors import MethodError
 from streammerge.execute import merge_tensors
-from streammerge.methods import SPECS, Scope, get_kernel
+from streammerge.methods import SPECS, Scope, get_kernel, parallel
 
 bf16, f32 = torch.bfloat16, torch.float32
 
@@ -241,6 +241,15 @@ def test_della_rescale_by_density_divides_by_each_elements_p():
     assert kept.float().mean(dim=0).tolist() == pytest.approx([0.3, 0.5, 0.7], abs=0.03)
 
 
+def test_parallel_ranges_cover_the_block_in_aligned_parts():
+    assert parallel.ranges(10, threads=1) == [(0, 10)]
+    n = 5 * parallel.MIN_PART + 3
+    assert parallel.ranges(n, threads=2) == [(0, (n + 1) // 2), ((n + 1) // 2, n)]
+    parts = parallel.ranges(n, align=1000, threads=3)
+    assert [lo for lo, _ in parts[1:]] == [hi for _, hi in parts[:-1]] and parts[-1][1] == n
+    assert all(lo % 1000 == 0 for lo, _ in parts)
+
+
 def test_multislerp_hand_derived():
     # norms 1 and 2; unit vectors [1,0], [0,1]; mean of units [0.5,0.5] -> direction
     # [1,1]/sqrt(2); mean norm 0.5*1 + 0.5*2 = 1.5 -> 1.5/sqrt(2) = 1.0606601717798212 each
@@ -326,8 +335,9 @@ def _case(method: str, numel: int, dtype, gen):
     "method, filter_wise", [(m, False) for m in sorted(SPECS)] + [("model_stock", True), ("nuslerp", True)]
 )
 @pytest.mark.parametrize("dtype", [bf16, f32])
-def test_methods_are_chunk_and_thread_invariant(method, filter_wise, dtype):
+def test_methods_are_chunk_and_thread_invariant(method, filter_wise, dtype, monkeypatch):
     """Chunks and blocks of any size, and 1 or 2 threads, give the same bits as one call."""
+    monkeypatch.setattr(parallel, "MIN_PART", 1 << 12)  # split blocks across threads here too
     gen = torch.Generator().manual_seed(7)
     numel = (1 << 20) + 12_345 if method == "slerp" else 200_003  # several statistics blocks
     xs, base, kwargs = _case(method, numel, dtype, gen)

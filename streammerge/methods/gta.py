@@ -30,12 +30,13 @@ unweighted`` elects signs from the pruned deltas before weighting (TIES paper, Â
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import torch
 
-from . import BlockContext, register, select
+from . import BlockContext, parallel, register, select
 from .rng import stream_key, uniform, uniform_bits24
 from .select import Boundary, apply_mask, histogram, keep_window, key_bits, locate, magnitude_keys
 from .spec import GTA
@@ -170,7 +171,7 @@ def _sparsify(delta, m, ctx, stats, state, density, gamma, epsilon, factor, by_d
         if density <= 0:
             return torch.zeros_like(delta)
         u = uniform(key, ctx.offset, d.numel())
-        rows = d.reshape(-1, ctx.shape[-1] if len(ctx.shape) >= 2 else d.numel())
+        rows = d.reshape(-1, _row(ctx))
         # ranks of |delta| within each row, ties by position (a stable sort); numpy sorts
         # 16-bit keys by radix, 10x faster than torch.sort
         order = np.argsort(select.magnitude_keys_np(rows).reshape(rows.shape), axis=1, kind="stable")
@@ -205,18 +206,38 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
     l1 = rescale and rescale_mode == "l1"
     factors = stats[-1] if preset.sparsifier is not None and l1 and stats else {}
     deltas = base.new_empty((len(others), *base.shape))  # (n_models, *block)
-    for row, m in enumerate(others):
-        delta = xs[m] - base
-        if preset.sparsifier is not None and _prunes(density[m]):
-            delta = _sparsify(delta, m, ctx, stats, state, density[m], _get(gamma, m), _get(epsilon, m),
-                              factors.get(m), rescale and rescale_mode == "density")  # fmt: skip
-        deltas[row] = delta
+    by_density = rescale and rescale_mode == "density"
+
+    def prune(lo: int, hi: int) -> None:
+        part = ctx if lo == 0 and hi == base.numel() else dataclasses.replace(ctx, offset=ctx.offset + lo)
+        for row, m in enumerate(others):
+            delta = xs[m].reshape(-1)[lo:hi] - base.reshape(-1)[lo:hi]
+            if preset.sparsifier is not None and _prunes(density[m]):
+                delta = _sparsify(delta, m, part, stats, state, density[m], _get(gamma, m), _get(epsilon, m),
+                                  factors.get(m), by_density)  # fmt: skip
+            deltas[row].view(-1)[lo:hi] = delta
+
+    if preset.sparsifier in ("magnitude", "magnitude_outliers"):
+        prune(0, base.numel())  # ties at the threshold are counted in element order
+    else:  # elementwise (keyed random masks), or whole rows for della
+        parallel.run(prune, base.numel(), _row(ctx) if preset.sparsifier == "della_magprune" else 1)
     weights = [weight[m] for m in others]
     if preset.consensus == "sum" and sign_election == "unweighted":
         return combine_eager(base, deltas, weights, preset.consensus, normalize, lam, weighted_election=False)
     if deltas.device.type == "cpu" and fast_combine_exact(deltas.dtype, len(others)):
-        return combine_fast(base, deltas, weights, preset.consensus, normalize, lam)
+        flat = deltas.reshape(len(others), -1)
+        parts = parallel.run(
+            lambda lo, hi: combine_fast(
+                base.reshape(-1)[lo:hi], flat[:, lo:hi], weights, preset.consensus, normalize, lam
+            ),  # fmt: skip
+            base.numel(),
+        )
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(base.shape)
     return combine_eager(base, deltas, weights, preset.consensus, normalize, lam)
+
+
+def _row(ctx: BlockContext) -> int:
+    return ctx.shape[-1] if len(ctx.shape) >= 2 else int(np.prod(ctx.shape))
 
 
 def combine_eager(base, deltas, weights, consensus, normalize, lam, weighted_election=True):
