@@ -14,7 +14,7 @@ import sys
 import click
 
 from .config import parse_size
-from .errors import StreamMergeError, VerifyError
+from .errors import StreamMergeError
 
 # OpenMP spinning collapses under competing load (reference/kernels.md §3); set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -40,12 +40,9 @@ def _friendly(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except VerifyError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
         except StreamMergeError as e:
             click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted; nothing was written to the output", err=True)
             sys.exit(130)
@@ -85,7 +82,8 @@ def main() -> None:
     help="Largest output shard, in bytes.",
 )
 @click.option("--seed", type=int, default=0, help="Seed for methods that sample.")
-@click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
+@click.option("--force", is_flag=True, help="Replace a non-empty OUT; discard OUT.partial.")
+@click.option("--resume", is_flag=True, help="Continue the merge that OUT.partial holds.")
 @click.option(
     "--copy-tokenizer/--no-copy-tokenizer",
     default=True,
@@ -105,6 +103,7 @@ def merge(
     shard_size,
     seed,
     force,
+    resume,
     copy_tokenizer,
     allow_crimes,
     no_progress,
@@ -124,6 +123,7 @@ def merge(
         device=device,
         seed=seed,
         force=force,
+        resume=resume,
         copy_tokenizer=copy_tokenizer,
         progress=not no_progress and sys.stderr.isatty(),
     )
