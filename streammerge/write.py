@@ -204,11 +204,11 @@ class OutputWriter:
             os.fsync(fd)
             os.close(fd)
         self._fds = []
-        change = describe_change(self.state, state(plan, input_prints(plan), plan.shard_nbytes), "")
+        now = state(plan, input_prints(plan), plan.shard_nbytes)
+        change = describe_change(self.state, now, "during the merge")
         if change is not None:
             raise OutputError(
-                f"{self.partial}: refusing to commit: {change.strip()} during the merge;"
-                " run again with --force to start over"
+                f"{self.partial}: refusing to commit: {change}; run again with --force to start over"
             )
         shards = plan.layout.shards
         if len(shards) > 1:
