@@ -208,17 +208,23 @@ def inspect(model, as_json) -> None:
 
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False))
+@click.option(
+    "--against",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also check the manifest is this config's merge of the inputs as they are now.",
+)
 @_friendly
-def verify(out) -> None:
+def verify(out, against) -> None:
     """Re-hash a finished merge against its streammerge.json; exit 1 naming the first
     damaged shard or tensor.
 
-    Example: streammerge verify merged
+    Example: streammerge verify merged --against configs/linear.yml
     """
     from .write import verify as run_verify
 
-    n = run_verify(out)
-    click.echo(f"ok: {n} tensors in {out} match the manifest")
+    n = run_verify(out, against)
+    click.echo(f"ok: {n} tensors in {out} match the manifest{f' and {against}' if against else ''}")
 
 
 @main.command()

@@ -380,11 +380,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def verify(out: str | os.PathLike) -> int:
-    """Re-hash every shard header and tensor of ``out`` against its manifest.
+def verify(out: str | os.PathLike, against: str | os.PathLike | None = None) -> int:
+    """Re-hash every shard header and tensor of ``out`` against its manifest; with
+    ``against`` (a config), also check that the manifest is that config's merge of the
+    inputs as they are now (config, seed, input fingerprints, layout, plan hash).
 
     Returns the number of tensors checked; raises ``VerifyError`` naming the first
-    damaged shard or tensor.
+    damaged shard or tensor, or what differs from ``against``.
     """
     out = Path(out)
     try:
@@ -424,4 +426,12 @@ def verify(out: str | os.PathLike) -> int:
                 checked += 1
     if checked != len(tensors):
         raise VerifyError(f"{out}: manifest lists {len(tensors)} tensors, shards hold {checked}")
+    if against is not None:
+        from .plan import DEFAULT_SHARD_NBYTES, make_plan
+
+        seed, shard_nbytes = manifest.get("seed", 0), manifest.get("shard_nbytes") or DEFAULT_SHARD_NBYTES
+        plan = make_plan(against, shard_nbytes=shard_nbytes, seed=seed)
+        change = describe_change(manifest, state(plan, input_prints(plan), shard_nbytes), "since the merge")
+        if change is not None:
+            raise VerifyError(f"{out}: does not match {against}: {change}")
     return checked
