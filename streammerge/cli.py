@@ -50,7 +50,30 @@ def _friendly(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _OneLineUsage(click.Group):
+    """Usage errors (a bad flag or value) as one ``error:`` line and exit 2, like the rest."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        try:
+            return super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # plain `streammerge`: the help
+                e.show()
+                sys.exit(e.exit_code)
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+
+
+@click.group(
+    cls=_OneLineUsage,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+)
 @click.version_option(package_name="streammerge")
 def main() -> None:
     """Merge fine-tuned checkpoints of one architecture in bounded memory."""
