@@ -10,6 +10,11 @@ class StreamMergeError(Exception):
 
     exit_code = 2
 
+    def __str__(self) -> str:
+        # Names from hostile files or configs may hold newlines or escapes: keep one line.
+        text = super().__str__()
+        return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
 
 class ConfigError(StreamMergeError):
     """The merge config is wrong: bad YAML, unknown key, wrong type, bad value.
