@@ -18,7 +18,7 @@ from streammerge.config import TOP_KEYS, from_dict, parse_config
 from streammerge.errors import CheckpointError, ConfigError
 from streammerge.header import ITEMSIZE, parse_header, read_header
 
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Numbers a hostile header might use where sizes belong.
 sizes = st.one_of(
