@@ -1,7 +1,8 @@
 """The command line: each command parses, makes one library call, and renders.
 
-Errors the user can fix (``StreamMergeError``) print one ``error:`` line and exit 2
-(``verify`` finding damage exits 1); anything else is a bug and keeps its traceback.
+Errors the user can fix (``StreamMergeError``, and click's usage errors) print one
+``error:`` line and exit 2 (1 for damage found by ``verify`` and for write failures, 130
+when interrupted); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
