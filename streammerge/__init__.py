@@ -9,6 +9,7 @@ The package reads like the pipeline (DESIGN.md §1)::
     methods/    torch-free specs + pure torch kernels, one module per family
     execute     run a plan chunk by chunk within --max-memory (reader/compute/writer)
     write       OUT.partial/, pwrite at planned offsets, manifest, atomic rename; verify
+    journal     resume: finished-tensor journal, OUT.partial lock, input fingerprints
     cli         click commands: parse -> one library call -> render
     demo        small deterministic Llama-shaped checkpoints and configs
     sweep       'models[1].parameters.weight=0.2,0.4' -> a grid of named config variants
@@ -37,8 +38,8 @@ def merge(config, out, **options):
     return _merge(config, out, **options)
 
 
-def verify(out):
+def verify(out, against=None):
     """Re-hash a finished merge against its manifest (see ``streammerge.write.verify``)."""
     from .write import verify as _verify
 
-    return _verify(out)
+    return _verify(out, against)

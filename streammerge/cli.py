@@ -1,7 +1,8 @@
 """The command line: each command parses, makes one library call, and renders.
 
-Errors the user can fix (``StreamMergeError``) print one ``error:`` line and exit 2
-(``verify`` finding damage exits 1); anything else is a bug and keeps its traceback.
+Errors the user can fix (``StreamMergeError``, and click's usage errors) print one
+``error:`` line and exit 2 (1 for damage found by ``verify`` and for write failures, 130
+when interrupted); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 import click
 
 from .config import parse_size
-from .errors import StreamMergeError, VerifyError
+from .errors import StreamMergeError
 
 # OpenMP spinning collapses under competing load (reference/kernels.md §3); set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -40,12 +41,9 @@ def _friendly(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except VerifyError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
         except StreamMergeError as e:
             click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted; nothing was written to the output", err=True)
             sys.exit(130)
@@ -53,7 +51,30 @@ def _friendly(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _OneLineUsage(click.Group):
+    """Usage errors (a bad flag or value) as one ``error:`` line and exit 2, like the rest."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        try:
+            return super().main(args, prog_name, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # plain `streammerge`: the help
+                e.show()
+                sys.exit(e.exit_code)
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+
+
+@click.group(
+    cls=_OneLineUsage,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+)
 @click.version_option(package_name="streammerge")
 def main() -> None:
     """Merge fine-tuned checkpoints of one architecture in bounded memory."""
@@ -85,7 +106,8 @@ def main() -> None:
     help="Largest output shard, in bytes.",
 )
 @click.option("--seed", type=int, default=0, help="Seed for methods that sample.")
-@click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
+@click.option("--force", is_flag=True, help="Replace a non-empty OUT; discard OUT.partial.")
+@click.option("--resume", is_flag=True, help="Continue the merge that OUT.partial holds.")
 @click.option(
     "--copy-tokenizer/--no-copy-tokenizer",
     default=True,
@@ -105,6 +127,7 @@ def merge(
     shard_size,
     seed,
     force,
+    resume,
     copy_tokenizer,
     allow_crimes,
     no_progress,
@@ -124,6 +147,7 @@ def merge(
         device=device,
         seed=seed,
         force=force,
+        resume=resume,
         copy_tokenizer=copy_tokenizer,
         progress=not no_progress and sys.stderr.isatty(),
     )
@@ -208,17 +232,23 @@ def inspect(model, as_json) -> None:
 
 @main.command()
 @click.argument("out", type=click.Path(file_okay=False))
+@click.option(
+    "--against",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also check the manifest is this config's merge of the inputs as they are now.",
+)
 @_friendly
-def verify(out) -> None:
+def verify(out, against) -> None:
     """Re-hash a finished merge against its streammerge.json; exit 1 naming the first
     damaged shard or tensor.
 
-    Example: streammerge verify merged
+    Example: streammerge verify merged --against configs/linear.yml
     """
     from .write import verify as run_verify
 
-    n = run_verify(out)
-    click.echo(f"ok: {n} tensors in {out} match the manifest")
+    n = run_verify(out, against)
+    click.echo(f"ok: {n} tensors in {out} match the manifest{f' and {against}' if against else ''}")
 
 
 @main.command()

@@ -80,6 +80,10 @@ def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bo
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, (str, int, float, bool, type(None))):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a plain value, got a {type(key).__name__}", key_node.start_mark
+            )
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None,
@@ -113,6 +117,8 @@ def parse_config(text: str, source: str = "<config>") -> MergeConfig:
     """Validate YAML ``text``; errors are prefixed with ``source``."""
     try:
         doc = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML: nested too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -243,7 +249,7 @@ def _same(a: str, b: str) -> bool:
 
 
 def _model_path(value: Any, key: str, fail) -> str:
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or "\0" in value:
         raise fail(key, f"expected a model path, got {_describe(value)}")
     if "+" in value:
         raise fail(key, f"LoRA references (base+adapter) are not supported yet, got {value!r}")

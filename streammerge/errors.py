@@ -1,12 +1,19 @@
 """The one error family. Each message is one line: where, what, got vs expected.
 
-The CLI prints ``error: <message>`` and exits 2 for these; anything else is a bug
-and keeps its traceback.
+The CLI prints ``error: <message>`` and exits with the class's ``exit_code`` (2 unless
+said otherwise); anything else is a bug and keeps its traceback.
 """
 
 
 class StreamMergeError(Exception):
     """A problem with the user's input or environment, reported as one line."""
+
+    exit_code = 2
+
+    def __str__(self) -> str:
+        # Names from hostile files or configs may hold newlines or escapes: keep one line.
+        text = super().__str__()
+        return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class ConfigError(StreamMergeError):
@@ -33,8 +40,23 @@ class OutputError(StreamMergeError):
     """The output location is unusable: exists, not empty, not writable, stale partial."""
 
 
+class WriteError(OutputError):
+    """Writing the output failed mid-merge (no space left, I/O error). Exit 1: the
+    finished tensors are kept in ``OUT.partial/`` for ``--resume``."""
+
+    exit_code = 1
+
+
+class Interrupted(StreamMergeError):
+    """SIGINT/SIGTERM stopped a merge; the journal is flushed for ``--resume``. Exit 130."""
+
+    exit_code = 130
+
+
 class VerifyError(StreamMergeError):
-    """A finished merge does not match its manifest (``streammerge verify``)."""
+    """A finished merge does not match its manifest (``streammerge verify``). Exit 1."""
+
+    exit_code = 1
 
 
 class MethodError(StreamMergeError):

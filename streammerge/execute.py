@@ -9,12 +9,14 @@ model size. Kernels are elementwise, so any chunk or block size gives the same b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import os
 import queue
 import resource
+import signal
 import sys
 import threading
 import time
@@ -26,7 +28,7 @@ import psutil
 import torch
 
 from .checkpoint import Reader
-from .errors import StreamMergeError
+from .errors import Interrupted, StreamMergeError, WriteError
 from .header import ITEMSIZE
 from .methods import SPECS, BlockContext, Scope, get_kernel
 from .plan import BLOCK_ELEMS, COPY, DEFAULT_SHARD_NBYTES, Job, Plan, make_plan
@@ -55,11 +57,13 @@ class MergeSummary:
     start_rss_nbytes: int  # resident size when the merge started (interpreter, torch)
     estimate_nbytes: int  # tensor memory the plan budgets
     plan_hash: str
+    resumed: int = 0  # tensors a resumed merge found already done
 
     def line(self) -> str:
         gbps = self.nbytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        resumed = f" ({self.resumed} resumed)" if self.resumed else ""
         return (
-            f"merged {self.tensors} tensors into {self.shards} shard(s) at {self.out}:"
+            f"merged {self.tensors} tensors{resumed} into {self.shards} shard(s) at {self.out}:"
             f" {_fmt(self.nbytes)} in {self.seconds:.1f} s ({gbps:.2f} GB/s),"
             f" peak memory {_fmt(self.peak_rss_nbytes)} RSS"
             f" ({_fmt(self.peak_rss_nbytes - self.start_rss_nbytes)} over start-up;"
@@ -85,11 +89,15 @@ def merge(
     device: str = "cpu",
     seed: int = 0,
     force: bool = False,
+    resume: bool = False,
     copy_tokenizer: bool = True,
     progress: bool = False,
 ) -> MergeSummary:
     """Plan and run a merge into ``out``; returns a summary. Raises StreamMergeError
-    subclasses for bad input (nothing that looks like a model is left at ``out``)."""
+    subclasses for bad input (nothing that looks like a model is left at ``out``).
+
+    A merge stopped part-way (``Interrupted``, ``WriteError``, a crash) keeps its finished
+    tensors in ``OUT.partial/``; ``resume=True`` continues it to the same bytes."""
     started = time.perf_counter()
     start_rss = psutil.Process().memory_info().rss
     plan = (
@@ -100,13 +108,9 @@ def merge(
     dev = _device(device)
     if threads:
         torch.set_num_threads(threads)
-    writer = OutputWriter(Path(out), plan, force=force, copy_tokenizer=copy_tokenizer)
-    try:
-        digests = _run(plan, writer, dev, progress)
-        writer.commit(digests)
-    except BaseException:
-        writer.abort()
-        raise
+    writer = OutputWriter(Path(out), plan, force=force, resume=resume, copy_tokenizer=copy_tokenizer)
+    if not writer.complete:
+        _run_and_commit(plan, writer, dev, progress)
     return MergeSummary(
         out=str(out),
         nbytes=plan.estimate.write_nbytes,
@@ -118,7 +122,46 @@ def merge(
         start_rss_nbytes=start_rss,
         estimate_nbytes=plan.estimate.peak_nbytes,
         plan_hash=plan.plan_hash,
+        resumed=len(plan.jobs) if writer.complete else len(writer.done),
     )
+
+
+def _run_and_commit(plan: Plan, writer: OutputWriter, dev: torch.device, progress: bool) -> None:
+    """Run and commit; on any failure keep what is durable for ``--resume``. SIGTERM is
+    handled like Ctrl-C: the tensor in flight is abandoned, the journal flushed."""
+    resume_hint = f"rerun the same command with --resume to continue from {writer.partial}"
+    with _sigterm_interrupts():
+        try:
+            writer.commit(_run(plan, writer, dev, progress))
+        except KeyboardInterrupt:
+            saved = writer.suspend()
+            raise Interrupted(
+                f"interrupted; {saved} of {len(plan.jobs)} tensors are saved; {resume_hint}"
+            ) from None
+        except WriteError as e:
+            saved = writer.suspend()
+            raise WriteError(f"{e}; {saved} of {len(plan.jobs)} tensors are saved; {resume_hint}") from None
+        except BaseException:
+            writer.suspend()
+            raise
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """Turn SIGTERM into KeyboardInterrupt while a merge writes (main thread only)."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def peak_rss() -> int:
@@ -152,10 +195,11 @@ COMBINE = -1  # phase of a chunk that is merged and written
 ALL = -2  # phase of a resident tensor: every pass, then combine, on one read
 
 
-def _schedule(plan: Plan):
-    """(job, phase, start, stop) reads in execution (= file) order."""
+def _schedule(plan: Plan, skip=frozenset()):
+    """(job, phase, start, stop) reads in execution (= file) order, minus ``skip``ped jobs."""
     for job in plan.jobs:
-        yield from _schedule_job(job)
+        if job.name not in skip:
+            yield from _schedule_job(job)
 
 
 def _schedule_job(job: Job):
@@ -190,11 +234,13 @@ def _run(plan: Plan, writer: OutputWriter, dev: torch.device, progress: bool) ->
     to_write: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
     bar = _progress_bar(plan, progress)
+    if bar is not None and writer.done:
+        bar.update(sum(j.out_nbytes for j in plan.jobs if j.name in writer.done))
 
     def reader_loop() -> None:
         reader = Reader()
         try:
-            for job, phase, start, end in _schedule(plan):
+            for job, phase, start, end in _schedule(plan, frozenset(writer.done)):
                 buf = _get(free_reads, stop)
                 if buf is None:
                     return

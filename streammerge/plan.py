@@ -115,6 +115,7 @@ class Plan:
     fingerprints: tuple  # FileFingerprint of every input file
     seed: int
     plan_hash: str
+    shard_nbytes: int = DEFAULT_SHARD_NBYTES  # the --shard-size the layout was packed for
 
     def to_dict(self) -> dict:
         """A JSON-ready summary (``streammerge plan --json``)."""
@@ -188,6 +189,7 @@ def make_plan(
         fingerprints,
         seed,
         _plan_hash(cfg, jobs, layout, fingerprints, seed),
+        shard_nbytes,
     )
 
 

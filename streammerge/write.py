@@ -18,8 +18,9 @@ from pathlib import Path
 from . import __version__
 from .checkpoint import open_checkpoint
 from .config import DTYPE_TORCH_NAMES
-from .errors import OutputError, VerifyError
+from .errors import OutputError, VerifyError, WriteError
 from .header import FLOAT_DTYPES, read_header
+from .journal import JOURNAL, LOCK, Journal, Lock, describe_change, input_prints, read_journal, state
 
 log = logging.getLogger(__name__)
 
@@ -37,63 +38,165 @@ def partial_dir(out: Path) -> Path:
 
 
 class OutputWriter:
-    """Owns ``OUT.partial/`` for one merge: preflight, shard files, hashes, commit."""
+    """Owns ``OUT.partial/`` for one merge: preflight, lock, shard files, hashes, journal,
+    commit.
 
-    def __init__(self, out: Path, plan, *, force: bool = False, copy_tokenizer: bool = True):
+    With ``resume``, a partial output that a stopped merge of the same plan left is
+    continued: its journaled tensors are re-hashed and those that match are skipped
+    (``done``); an ``OUT`` this plan already finished is left as it is (``complete``).
+    """
+
+    def __init__(
+        self, out: Path, plan, *, force: bool = False, resume: bool = False, copy_tokenizer: bool = True
+    ):
         self.out, self.plan, self.force, self.copy_tokenizer = out, plan, force, copy_tokenizer
         self.partial = partial_dir(out)
-        self._preflight()
-        self.partial.mkdir(parents=True)
         self.digests: dict[str, str] = {}
+        self.done: dict[str, str] = {}  # tensors a resumed merge skips: name -> sha256
+        self.complete = False
+        self.journal: Journal | None = None
+        self.lock: Lock | None = None
         self._hashers: dict[str, object] = {}
-        self._fds = []
+        self._fds: list[int] = []
         self._writeback = _Writeback()
-        for shard in plan.layout.shards:
-            fd = os.open(self.partial / shard.file_name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            self._fds.append(fd)
-            os.ftruncate(fd, shard.nbytes)
-            _pwrite_all(fd, memoryview(shard.header), 0, self.partial / shard.file_name)
+        self.prints = input_prints(plan)
+        self.state = state(plan, self.prints, plan.shard_nbytes)
+        self._preflight(resume)
+        if self.complete:
+            return
+        fresh = not self.partial.exists()
+        try:
+            self._open(resume)
+        except BaseException:
+            self._release()
+            if fresh:
+                shutil.rmtree(self.partial, ignore_errors=True)
+            raise
+        self.digests.update(self.done)
 
-    def _preflight(self) -> None:
+    def _preflight(self, resume: bool) -> None:
         out = self.out
         if out.exists() and not out.is_dir():
             raise OutputError(f"{out}: exists and is not a directory")
+        if resume and not self.partial.exists() and self._finished(out):
+            self.complete = True
+            return
         if out.is_dir() and any(out.iterdir()) and not self.force:
             raise OutputError(f"{out}: directory exists and is not empty; pass --force to replace it")
-        if self.partial.exists():
-            raise OutputError(
-                f"{self.partial}: left by an earlier, unfinished merge; delete it to start over"
-            )
         parent = out.absolute().parent
         if not parent.is_dir():
             raise OutputError(f"{parent}: output's parent directory does not exist")
         if not os.access(parent, os.W_OK):
             raise OutputError(f"{parent}: not writable")
-        need = self.plan.layout.nbytes
+        have = 0  # bytes the partial shards already hold on disk
+        if resume and self.partial.is_dir():
+            for shard in self.plan.layout.shards:
+                path = self.partial / shard.file_name
+                have += path.stat().st_blocks * 512 if path.is_file() else 0
+        need = max(0, self.plan.layout.nbytes - have)
         free = shutil.disk_usage(parent).free
         if free < need + (64 << 20):
             raise OutputError(
                 f"{parent}: not enough free space: the merge writes {need} bytes, {free} are free"
             )
 
+    def _finished(self, out: Path) -> bool:
+        """``out`` holds this very merge, finished (a resume after the commit's rename)."""
+        manifest = _read_json(out / MANIFEST)
+        if manifest is None or describe_change(manifest, self.state, "") is not None:
+            return False
+        try:  # a crash between the rename and the lock's removal leaves the lock file
+            Lock(out).release(unlink=out / LOCK)
+        except OutputError:
+            return False
+        return True
+
+    def _open(self, resume: bool) -> None:
+        p = self.partial
+        head = None
+        if p.exists():
+            self.lock = Lock(p)
+            head, done, good = read_journal(p)
+            if not resume and not self.force:
+                raise OutputError(
+                    f"{p}: left by an unfinished merge ({len(done)} tensors done); rerun with"
+                    " --resume to continue it or --force to discard it"
+                )
+            if resume and head is None:  # stopped between the journal's removal and the rename
+                manifest = _read_json(p / MANIFEST)
+                if manifest is not None and isinstance(manifest.get("tensors"), dict):
+                    head, good = manifest, -1
+                    done = {n: t.get("sha256") for n, t in manifest["tensors"].items()}
+            if resume and head is not None:
+                change = describe_change(head, self.state, "since the interrupted merge started")
+                if change is not None:
+                    raise OutputError(
+                        f"{p}: cannot resume: {change}; run without --resume and with --force to start over"
+                    )
+            else:
+                head = None
+                for child in p.iterdir():  # --force, or nothing reusable: empty it
+                    if child.name != LOCK:
+                        shutil.rmtree(child) if child.is_dir() else child.unlink()
+        else:
+            p.mkdir()
+            self.lock = Lock(p)
+        for shard in self.plan.layout.shards:
+            path = p / shard.file_name
+            reuse = head is not None and path.is_file() and path.stat().st_size == shard.nbytes
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | (0 if reuse else os.O_TRUNC), 0o644)
+            self._fds.append(fd)
+            if not reuse:
+                os.ftruncate(fd, shard.nbytes)
+            _pwrite_all(fd, memoryview(shard.header), 0, path)
+        if head is None:
+            self.journal = Journal(p, self.state)
+            return
+        self.done = self._recheck(done)
+        if good >= 0 and self.done == done:
+            self.journal = Journal(p, None, keep_nbytes=good)
+        else:  # rewrite it with just the tensors that checked out
+            self.journal = Journal(p, self.state, done=self.done)
+        log.info("resuming: %d of %d tensors already done", len(self.done), len(self.plan.jobs))
+
+    def _recheck(self, done: dict[str, str]) -> dict[str, str]:
+        """The journaled tensors whose bytes on disk still hash to their journal entry."""
+        ok = {}
+        for job in self.plan.jobs:
+            if job.name not in done:
+                continue
+            fd, h, pos, end = self._fds[job.shard], hashlib.sha256(), job.offset, job.offset + job.out_nbytes
+            while pos < end:
+                block = os.pread(fd, min(end - pos, 4 << 20), pos)
+                if not block:
+                    break
+                h.update(block)
+                pos += len(block)
+            if h.hexdigest() == done[job.name]:
+                ok[job.name] = done[job.name]
+            else:
+                log.warning("%s: journaled but its bytes differ; merging it again", job.name)
+        return ok
+
     def write_chunk(self, job, start: int, end: int, data: memoryview) -> None:
         """Write elements ``[start, end)`` of ``job``'s tensor; chunks come in order."""
         from .header import ITEMSIZE
 
         fd = self._fds[job.shard]
+        shard = self.partial / self.plan.layout.shards[job.shard].file_name
         offset = job.offset + start * ITEMSIZE[job.out_dtype]
-        _pwrite_all(fd, data, offset, self.partial / self.plan.layout.shards[job.shard].file_name)
+        _pwrite_all(fd, data, offset, shard)
         h = self._hashers.get(job.name)
         if h is None:
             h = self._hashers[job.name] = hashlib.sha256()
         h.update(data)
-        if end == job.numel:
-            self.digests[job.name] = self._hashers.pop(job.name).hexdigest()
         try:
             self._writeback.wrote(fd, offset, len(data))
+            if end == job.numel:
+                self.digests[job.name] = self._hashers.pop(job.name).hexdigest()
+                self.journal.finished(job.name, self.digests[job.name], fd, job.out_nbytes)
         except OSError as e:
-            shard = self.partial / self.plan.layout.shards[job.shard].file_name
-            raise OutputError(f"{shard}: write-back failed: {e.strerror}") from None
+            raise WriteError(f"{shard}: write-back failed: {e.strerror}") from None
 
     def commit(self, digests: dict[str, str]) -> None:
         plan = self.plan
@@ -101,6 +204,12 @@ class OutputWriter:
             os.fsync(fd)
             os.close(fd)
         self._fds = []
+        now = state(plan, input_prints(plan), plan.shard_nbytes)
+        change = describe_change(self.state, now, "during the merge")
+        if change is not None:
+            raise OutputError(
+                f"{self.partial}: refusing to commit: {change}; run again with --force to start over"
+            )
         shards = plan.layout.shards
         if len(shards) > 1:
             weight_map = {name: s.file_name for s in shards for name in s.tensors}
@@ -111,6 +220,8 @@ class OutputWriter:
             self._copy_tokenizer()
         _write_text(self.partial / "README.md", self._model_card())
         _write_text(self.partial / MANIFEST, json.dumps(self._manifest(digests), indent=2) + "\n")
+        self.journal.close()
+        (self.partial / JOURNAL).unlink()
         _fsync_dir(self.partial)
         old = None
         if self.out.exists():
@@ -118,14 +229,31 @@ class OutputWriter:
             os.rename(self.out, old)
         os.rename(self.partial, self.out)
         _fsync_dir(self.out.absolute().parent)
+        self.lock.release(unlink=self.out / LOCK)
         if old is not None:
             shutil.rmtree(old)
 
-    def abort(self) -> None:
+    def suspend(self) -> int:
+        """Stop without committing: flush the journal, close the files, drop the lock.
+        ``OUT.partial/`` stays for ``--resume``; returns how many tensors it will skip."""
+        saved = len(self.done)
+        if self.journal is not None:
+            try:
+                self.journal.flush()
+            except OSError as e:
+                log.warning("%s: journal flush failed: %s", self.partial, e.strerror)
+            saved += self.journal.journaled
+        self._release()
+        return saved
+
+    def _release(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
         for fd in self._fds:
             os.close(fd)
         self._fds = []
-        shutil.rmtree(self.partial, ignore_errors=True)
+        if self.lock is not None:
+            self.lock.release()
 
     def _write_config(self) -> None:
         donor = open_checkpoint(self.plan.donor)
@@ -160,21 +288,7 @@ class OutputWriter:
     def _manifest(self, digests: dict[str, str]) -> dict:
         plan = self.plan
         return {
-            "streammerge_version": __version__,
-            "plan_hash": plan.plan_hash,
-            "seed": plan.seed,
-            "config": plan.config.to_dict(),
-            "inputs": [
-                {"path": f.path, "nbytes": f.nbytes, "mtime_ns": f.mtime_ns} for f in plan.fingerprints
-            ],
-            "shards": [
-                {
-                    "file": s.file_name,
-                    "nbytes": s.nbytes,
-                    "header_sha256": hashlib.sha256(s.header).hexdigest(),
-                }
-                for s in plan.layout.shards
-            ],
+            **self.state,
             "tensors": {
                 j.name: {"shard": plan.layout.shards[j.shard].file_name, "sha256": digests[j.name]}
                 for j in plan.jobs
@@ -240,7 +354,15 @@ def _pwrite_all(fd: int, data: memoryview, offset: int, path: Path) -> None:
         while done < len(data):
             done += os.pwrite(fd, data[done:], offset + done)
     except OSError as e:
-        raise OutputError(f"{path}: write failed at byte {offset + done}: {e.strerror}") from None
+        raise WriteError(f"{path}: write failed at byte {offset + done}: {e.strerror}") from None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -258,11 +380,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def verify(out: str | os.PathLike) -> int:
-    """Re-hash every shard header and tensor of ``out`` against its manifest.
+def verify(out: str | os.PathLike, against: str | os.PathLike | None = None) -> int:
+    """Re-hash every shard header and tensor of ``out`` against its manifest; with
+    ``against`` (a config), also check that the manifest is that config's merge of the
+    inputs as they are now (config, seed, input fingerprints, layout, plan hash).
 
     Returns the number of tensors checked; raises ``VerifyError`` naming the first
-    damaged shard or tensor.
+    damaged shard or tensor, or what differs from ``against``.
     """
     out = Path(out)
     try:
@@ -302,4 +426,12 @@ def verify(out: str | os.PathLike) -> int:
                 checked += 1
     if checked != len(tensors):
         raise VerifyError(f"{out}: manifest lists {len(tensors)} tensors, shards hold {checked}")
+    if against is not None:
+        from .plan import DEFAULT_SHARD_NBYTES, make_plan
+
+        seed, shard_nbytes = manifest.get("seed", 0), manifest.get("shard_nbytes") or DEFAULT_SHARD_NBYTES
+        plan = make_plan(against, shard_nbytes=shard_nbytes, seed=seed)
+        change = describe_change(manifest, state(plan, input_prints(plan), shard_nbytes), "since the merge")
+        if change is not None:
+            raise VerifyError(f"{out}: does not match {against}: {change}")
     return checked
