@@ -2,8 +2,12 @@
 
 Accepted layouts: a directory with ``model.safetensors``; a directory with shards and
 ``model.safetensors.index.json``; a directory of ``*.safetensors`` shards without an
-index; a single ``.safetensors`` file. ``config.json`` beside the weights is read for
-architecture facts. Only headers are read here: a ``Checkpoint`` costs kilobytes.
+index; a single ``.safetensors`` file; PyTorch ``.bin`` files (``torchbin``). A model
+reference may also be a Hugging Face hub ID in the local cache (``hub``) or
+``base+adapter`` for a LoRA/PEFT adapter (``adapter``). F8 weights (and their scale
+tensors) become BF16 tensors dequantised on read (``derive.Dequant``). ``config.json``
+beside the weights is read for architecture facts. Only headers are read here: a
+``Checkpoint`` costs kilobytes.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class TensorRef:
     offset: int
     dtype: str
     shape: tuple[int, ...]
+    derive: object | None = None  # a ``derive`` kind: the bytes are computed on read
 
     @property
     def numel(self) -> int:
@@ -60,14 +65,26 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read the headers of the model at ``path``; every error names the file."""
+    """Read the headers of the model at ``path`` (a directory, a file, a hub ID, or
+    ``base+adapter``); every error names the file."""
+    from .hub import resolve
+
     path = str(path)
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
+    if "+" in path and not Path(path).exists():
+        from .adapter import apply_adapter
+
+        base_ref, adapter_ref = split_adapter(path)
+        base = open_checkpoint(base_ref)
+        return apply_adapter(base, path, resolve(adapter_ref))
+    p = resolve(path)
+    if p.is_file() and p.suffix == ".bin" or p.is_dir() and _is_torch_dir(p):
+        from .torchbin import open_torch_checkpoint
+
+        tensors, prints = open_torch_checkpoint(p)
+        return Checkpoint(path, _dequantised(tensors, _read_config(p), p), _read_config(p), prints)
     if p.is_file():
         if p.suffix != ".safetensors":
-            raise CheckpointError(f"{path}: expected a .safetensors file or a model directory")
+            raise CheckpointError(f"{path}: expected a .safetensors or .bin file or a model directory")
         files = [p]
     elif (p / INDEX_NAME).exists():
         files = _files_from_index(p)
@@ -76,9 +93,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     else:
         files = sorted(p.glob("*.safetensors"))
         if not files:
-            bins = sorted(q.name for q in p.glob("*.bin"))
-            hint = f" (found {bins[0]}: .bin checkpoints are not supported yet)" if bins else ""
-            raise CheckpointError(f"{path}: no .safetensors weights found{hint}")
+            raise CheckpointError(f"{path}: no .safetensors or .bin weights found")
     tensors: dict[str, TensorRef] = {}
     prints = []
     for f in files:
@@ -97,7 +112,61 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
                 raise CheckpointError(
                     f"{p / shard}: index lists tensor {name} in this shard, its header lacks it"
                 )
-    return Checkpoint(path, tensors, _read_config(p), tuple(prints))
+    config = _read_config(p)
+    return Checkpoint(path, _dequantised(tensors, config, p), config, tuple(prints))
+
+
+def split_adapter(ref: str) -> tuple[str, str]:
+    """``base+adapter`` -> (base, adapter); mergekit allows exactly one ``+``."""
+    parts = ref.split("+")
+    if len(parts) != 2 or not all(parts):
+        raise CheckpointError(f"{ref}: expected BASE+ADAPTER with exactly one '+'")
+    return parts[0], parts[1]
+
+
+def _is_torch_dir(p: Path) -> bool:
+    return not any(p.glob("*.safetensors")) and any(p.glob("*.bin"))
+
+
+F8_DTYPES = ("F8_E4M3", "F8_E5M2")
+
+
+def _dequantised(tensors: dict[str, TensorRef], config: dict | None, where: Path) -> dict[str, TensorRef]:
+    """F8 weights -> BF16 refs dequantised on read; their scale tensors (``X_scale``,
+    ``X_scale_inv``) and activation scales (``*.input_scale``) are consumed, not merged."""
+    if not any(t.dtype in F8_DTYPES for t in tensors.values()):
+        return tensors
+    from .derive import Dequant
+
+    quant = (config or {}).get("quantization_config") or {}
+    block_size = quant.get("weight_block_size")
+    out, used = {}, set()
+    for name, t in tensors.items():
+        if t.dtype not in F8_DTYPES:
+            continue
+        scale = tensors.get(name + "_scale_inv") or tensors.get(name + "_scale")
+        block = None
+        if scale is not None:
+            used.add(name + ("_scale_inv" if name + "_scale_inv" in tensors else "_scale"))
+            block = _scale_block(where, name, t.shape, scale.shape, block_size)
+        out[name] = TensorRef(t.path, t.offset, "BF16", t.shape, Dequant(t, scale, block))
+    dropped = used | {n for n in tensors if n.endswith(".input_scale")}
+    return {n: out.get(n, t) for n, t in tensors.items() if n not in dropped}
+
+
+def _scale_block(where, name, shape, scale_shape, block_size) -> tuple[int, int] | None:
+    """None for a scalar or per-row scale; (rows, cols) per block for a 2-D block grid."""
+    n = math.prod(scale_shape)
+    if n == 1 or (len(shape) >= 1 and n == shape[0] and len(scale_shape) <= 2):
+        return None
+    if len(shape) == 2 and len(scale_shape) == 2:
+        br, bc = block_size or (-(-shape[0] // scale_shape[0]), -(-shape[1] // scale_shape[1]))
+        if (-(-shape[0] // br), -(-shape[1] // bc)) == tuple(scale_shape):
+            return (br, bc)
+    raise CheckpointError(
+        f"{where}: tensor {name}: F8 scale of shape {list(scale_shape)} does not fit weight"
+        f" {list(shape)} (expected a scalar, one per row, or a block grid)"
+    )
 
 
 def _index_map(directory: Path) -> dict[str, str]:
@@ -151,6 +220,7 @@ class Reader:
     def read(self, ref: TensorRef, start: int, stop: int, out: memoryview) -> None:
         """Fill ``out`` (exactly ``(stop - start) * itemsize`` bytes) with elements
         ``[start, stop)`` of ``ref``."""
+        assert ref.derive is None, "derived inputs are read through derive.read_derived"
         itemsize = ITEMSIZE[ref.dtype]
         want = (stop - start) * itemsize
         assert len(out) == want, (len(out), want)

@@ -251,8 +251,8 @@ def _same(a: str, b: str) -> bool:
 def _model_path(value: Any, key: str, fail) -> str:
     if not isinstance(value, str) or not value or "\0" in value:
         raise fail(key, f"expected a model path, got {_describe(value)}")
-    if "+" in value:
-        raise fail(key, f"LoRA references (base+adapter) are not supported yet, got {value!r}")
+    if value.count("+") > 1 or value.startswith("+") or value.endswith("+"):
+        raise fail(key, f"expected MODEL or BASE+ADAPTER (one '+'), got {value!r}")
     return value
 
 

@@ -28,6 +28,7 @@ import psutil
 import torch
 
 from .checkpoint import Reader
+from .derive import read_derived
 from .errors import Interrupted, StreamMergeError, WriteError
 from .header import ITEMSIZE
 from .methods import SPECS, BlockContext, Scope, get_kernel
@@ -246,7 +247,10 @@ def _run(plan: Plan, writer: OutputWriter, dev: torch.device, progress: bool) ->
                     return
                 views = _input_views(job, start, end, buf)
                 for ref, view in zip(job.inputs, views):
-                    reader.read(ref, start, end, memoryview(view))
+                    if ref.derive is None:
+                        reader.read(ref, start, end, memoryview(view))
+                    else:
+                        read_derived(reader, ref, start, end, view)
                 _put(ready, (job, phase, start, end, buf, views), stop)
             _put(ready, None, stop)
         except BaseException as e:  # handed to the main thread, which re-raises

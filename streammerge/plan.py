@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from . import __version__
 from .checkpoint import Checkpoint, TensorRef, open_checkpoint
 from .config import MergeConfig, Scalar, load_config
+from .derive import scratch_nbytes
 from .errors import BudgetError, CheckpointError, ShapeError
 from .header import FLOAT_DTYPES, ITEMSIZE, encode_header
 from .methods import SPECS, Scope
@@ -98,10 +99,13 @@ class Estimate:
     scratch_nbytes: int
     read_nbytes: int  # input bytes read over the whole merge
     write_nbytes: int  # output bytes written
+    derive_nbytes: int = 0  # reader-thread scratch for inputs computed on read (derive)
 
     @property
     def peak_nbytes(self) -> int:
-        return 2 * self.read_set_nbytes + 2 * self.write_buffer_nbytes + self.scratch_nbytes
+        return (
+            2 * self.read_set_nbytes + 2 * self.write_buffer_nbytes + self.scratch_nbytes + self.derive_nbytes
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,10 +295,11 @@ def _estimate(jobs: tuple[Job, ...], budget: int) -> Estimate:
     while block > MIN_BLOCK_ELEMS and block * 4 * (words + HEAP_SLACK_WORDS) > budget // 4:
         block //= 2
     scratch = block * 4 * (words + HEAP_SLACK_WORDS) if words else 0
+    derive = max((scratch_nbytes(t) for j in jobs for t in j.inputs), default=0)
     per_elem = max((2 * in_item(j) + 2 * ITEMSIZE[j.out_dtype] for j in jobs), default=1)
-    chunk = (budget - scratch) // per_elem // block * block
+    chunk = (budget - scratch - derive) // per_elem // block * block
     if chunk < block:
-        need = scratch + block * per_elem
+        need = scratch + derive + block * per_elem
         raise BudgetError(f"--max-memory {budget} bytes is too small for this plan; it needs at least {need}")
     jobs = tuple(_streaming(j, chunk, block, budget) for j in jobs)
     read_set = max((min(chunk, j.numel) * in_item(j) for j in jobs), default=0)
@@ -302,7 +307,7 @@ def _estimate(jobs: tuple[Job, ...], budget: int) -> Estimate:
     reads = sum(t.nbytes * (1 if j.resident else j.passes + 1) for j in jobs for t in j.inputs)
     estimate = Estimate(
         budget, chunk, block, read_set, write_buf, scratch,
-        read_nbytes=reads, write_nbytes=sum(j.out_nbytes for j in jobs),
+        read_nbytes=reads, write_nbytes=sum(j.out_nbytes for j in jobs), derive_nbytes=derive,
     )  # fmt: skip
     return estimate, jobs
 
@@ -341,7 +346,7 @@ def _plan_hash(cfg, jobs, layout, fingerprints, seed) -> str:
             [
                 j.name,
                 j.method,
-                [[t.path, t.offset, t.dtype] for t in j.inputs],
+                [[t.path, t.offset, t.dtype, repr(t.derive)] for t in j.inputs],
                 j.input_params,
                 j.shared_params,
                 j.work_dtype,

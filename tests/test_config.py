@@ -77,7 +77,7 @@ LIN = "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\
         ("merge_method: linear\n", "models: required key is missing (a list of {model: PATH})"),
         ("- just\n- a list\n", "expected a mapping of config keys, got a list"),
         ("merge_method: linear\nmodels: [\n", "not valid YAML at line 3, column 1: expected the node content, but found '<stream end>'"),
-        ("merge_method: linear\nmodels:\n  - model: a+lora\n", "models[0].model: LoRA references (base+adapter) are not supported yet, got 'a+lora'"),
+        ("merge_method: linear\nmodels:\n  - model: a+b+lora\n", "models[0].model: expected MODEL or BASE+ADAPTER (one '+'), got 'a+b+lora'"),
         (LIN + "parameters: {weight: .inf}\n", "parameters.weight: expected a number, got inf"),
         ("merge_method: nuslerp\nmodels:\n  - {model: a, parameters: {weight: 1}}\n  - {model: b, parameters: {weight: 1}}\n"
          "  - {model: c, parameters: {weight: 1}}\n",
