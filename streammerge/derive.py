@@ -13,7 +13,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-DERIVE_BLOCK = 1 << 18  # elements per derivation block
+DERIVE_BLOCK = 1 << 16  # elements per derivation block
+# Freed temporaries stay in the reader thread's malloc arena: measured, about 16 fp32
+# words per block element, as for the compute blocks (plan.HEAP_SLACK_WORDS).
+SLACK = 16 * 4 * DERIVE_BLOCK
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +66,12 @@ def scratch_nbytes(ref) -> int:
     block = DERIVE_BLOCK
     if isinstance(d, Dequant):
         scale = d.scale.numel * 4 if d.scale is not None else 0
-        return block * (1 + 4 + 4) + 2 * scale
+        cols = ref.shape[-1] if ref.shape else 1
+        rows = max(block, cols)  # whole rows, at least one
+        return SLACK + rows * (1 + 4 + 4 + 2) + 2 * scale + 8 * cols
     if isinstance(d, Lora):
         # A whole in its dtype and fp32, a block of B rows, the fp32 product and W block.
-        return d.a.nbytes + d.a.numel * 4 + d.b.nbytes + d.b.numel * 4 + block * 4 * 3
+        return SLACK + d.a.nbytes + d.a.numel * 4 + d.b.nbytes + d.b.numel * 4 + block * 4 * 4
     if isinstance(d, RowMap):
         from .header import ITEMSIZE
 
@@ -74,7 +79,7 @@ def scratch_nbytes(ref) -> int:
         item = max(ITEMSIZE[s.dtype] for s in d.sources)
         work = ITEMSIZE[d.dtype]
         rows = max(block, hidden)  # a run of rows, or one row wider than a block
-        return rows * (item + 2 * work) + hidden * (item + 2 * work + 8 * 2)
+        return SLACK + rows * (item + 2 * work) + hidden * (item + 2 * work + 8 * 2)
     raise AssertionError(d)
 
 
@@ -115,25 +120,30 @@ def _whole(reader, ref):
 
 
 def _dequant(reader, d: Dequant, shape, start, stop, dst) -> None:
+    """Whole rows at a time (a chunk's partial first/last row is read whole, written in
+    part), so a per-row or block scale is a broadcast, not a per-element gather."""
     import torch
 
     cols = shape[-1] if len(shape) >= 2 else max(math.prod(shape), 1)
+    n_rows = max(math.prod(shape) // cols, 1)
     scale = _whole(reader, d.scale).float() if d.scale is not None else None
-    for s in range(start, stop, DERIVE_BLOCK):
-        e = min(stop, s + DERIVE_BLOCK)
-        x = _read(reader, d.raw, s, e).float()
-        if scale is not None:
-            if scale.numel() == 1:
-                x *= scale.reshape(())
-            else:
-                idx = torch.arange(s, e)
-                rows, cols_ = idx // cols, idx % cols
-                if d.block is None:  # one scale per row
-                    x *= scale.reshape(-1)[rows]
-                else:
-                    br, bc = d.block
-                    x *= scale[rows // br, cols_ // bc]
-        dst[s - start : e - start] = x.to(torch.bfloat16)
+    col_block = torch.arange(cols) // d.block[1] if d.block is not None else None
+    rows_per = max(1, DERIVE_BLOCK // cols)
+    first, last = start // cols, min(n_rows, -(-stop // cols))
+    for r0 in range(first, last, rows_per):
+        r1 = min(last, r0 + rows_per)
+        x = _read(reader, d.raw, r0 * cols, r1 * cols).float().reshape(r1 - r0, cols)
+        if scale is None:
+            pass
+        elif scale.numel() == 1:
+            x *= scale.reshape(())
+        elif d.block is None:  # one scale per row
+            x *= scale.reshape(-1, 1)[r0:r1]
+        else:
+            band = torch.arange(r0, r1) // d.block[0]
+            x *= scale[band][:, col_block]  # (rows, cols)
+        lo, hi = max(start, r0 * cols), min(stop, r1 * cols)
+        dst[lo - start : hi - start] = x.reshape(-1)[lo - r0 * cols : hi - r0 * cols]
 
 
 def _lora(reader, ref, d: Lora, start, stop, dst) -> None:

@@ -81,3 +81,39 @@ def test_merge_survives_a_cgroup_limit_below_the_input_size(medium, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "oom_kill=0" in r.stderr or "oom_kill=unknown" in r.stderr
     assert (out / "model.safetensors").exists()
+
+
+@pytest.fixture(scope="module")
+def other_formats(medium, tmp_path_factory) -> Path:
+    """The MEDIUM models as .bin (ft1), F8 with block scales (ft2) and base+LoRA adapter."""
+    from streammerge.demo_formats import write_bin_copy, write_f8_copy, write_lora_adapter
+
+    root, src = tmp_path_factory.mktemp("formats"), medium.parent
+    b = write_bin_copy(src / "ft1", root / "ft1-bin", n_shards=2)
+    f8 = write_f8_copy(src / "ft2", root / "ft2-f8", scheme="block")
+    ad = write_lora_adapter(root / "adapter", MEDIUM, r=16, embedding=True, targets=("q_proj", "down_proj"))
+    cfg = root / "formats.yml"
+    cfg.write_text(
+        f"merge_method: task_arithmetic\nbase_model: {src / 'base'}\nmodels:\n"
+        f"  - model: {b}\n    parameters: {{weight: 0.4}}\n"
+        f"  - model: {f8}\n    parameters: {{weight: 0.3}}\n"
+        f"  - model: {src / 'base'}+{ad}\n    parameters: {{weight: 0.3}}\n"
+        "dtype: float32\nout_dtype: bfloat16\n"
+    )
+    return cfg
+
+
+def test_bin_f8_and_adapter_inputs_stay_within_the_budget(other_formats, tmp_path):
+    """Four inputs (600 MB read) through a 24 MiB budget: .bin ranges, F8 blocks and LoRA
+    deltas are all derived in blocks, so the peak is the plan's estimate, not the inputs."""
+    budget = 24 << 20
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE, str(other_formats), str(tmp_path / "out"), str(budget)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    got = json.loads(r.stdout)
+    assert got["read"] >= 20 * budget
+    growth = got["peak"] - got["baseline"]
+    print({k: round(v / 2**20, 1) for k, v in got.items()}, "MiB")
+    assert got["estimate"] <= budget
+    assert growth <= budget + SLACK, {k: v / 2**20 for k, v in got.items()}
