@@ -54,6 +54,10 @@ class ModelSpec:
     def nbytes(self) -> int:
         return sum(math.prod(s) for _, s in self.tensors()) * ITEMSIZE[self.dtype]
 
+    def config(self) -> dict:
+        """config.json as the family ships it (``arch.ArchSpec`` for the others)."""
+        return llama_config(self)
+
 
 TINY = ModelSpec(layers=4, hidden=256, intermediate=688, vocab=1024, heads=4, kv_heads=2)
 BENCH = ModelSpec(layers=26, hidden=2048, intermediate=5632, vocab=32000, heads=16, kv_heads=16)
@@ -131,7 +135,7 @@ def write_checkpoint(
         total = sum(math.prod(s) for _, s in tensors) * ITEMSIZE[spec.dtype]
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (d / "config.json").write_text(json.dumps(llama_config(spec), indent=2) + "\n")
+    (d / "config.json").write_text(json.dumps(spec.config(), indent=2) + "\n")
     if tokenizer:
         write_tokenizer(d, spec.vocab)
     return d
