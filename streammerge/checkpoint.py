@@ -57,10 +57,11 @@ class Checkpoint:
     tensors: dict[str, TensorRef]  # in the model's own order: shard by shard, by offset
     config: dict | None  # config.json, if present
     files: tuple[FileFingerprint, ...]
+    root: str = ""  # the local path ``path`` resolved to (a hub ID's snapshot; an adapter's base)
 
     @property
     def directory(self) -> Path:
-        p = Path(self.path)
+        p = Path(self.root or self.path)
         return p if p.is_dir() else p.parent
 
 
@@ -81,7 +82,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         from .torchbin import open_torch_checkpoint
 
         tensors, prints = open_torch_checkpoint(p)
-        return Checkpoint(path, _dequantised(tensors, _read_config(p), p), _read_config(p), prints)
+        config = _read_config(p)
+        return Checkpoint(path, _dequantised(tensors, config, p), config, prints, str(p))
     if p.is_file():
         if p.suffix != ".safetensors":
             raise CheckpointError(f"{path}: expected a .safetensors or .bin file or a model directory")
@@ -113,7 +115,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
                     f"{p / shard}: index lists tensor {name} in this shard, its header lacks it"
                 )
     config = _read_config(p)
-    return Checkpoint(path, _dequantised(tensors, config, p), config, tuple(prints))
+    return Checkpoint(path, _dequantised(tensors, config, p), config, tuple(prints), str(p))
 
 
 def split_adapter(ref: str) -> tuple[str, str]:

@@ -17,6 +17,7 @@ import yaml
 
 from .errors import ConfigError
 from .methods import SPECS, Param, Scope
+from .vocab import TokenizerSpec, parse_chat_template, parse_tokenizer
 
 Scalar = float | bool
 
@@ -24,13 +25,14 @@ Scalar = float | bool
 DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
 DTYPE_TORCH_NAMES = {code: name for name, code in DTYPE_NAMES.items()}
 
-TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
+TOP_KEYS = (
+    "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+    "tokenizer_source", "tokenizer", "chat_template",
+)  # fmt: skip
 # mergekit keys we know but do not handle yet: a clear error beats a silent ignore.
 NOT_YET = {
     "slices": "slices/layer_range (frankenmerges)",
     "modules": "per-module configs",
-    "tokenizer": "the tokenizer: block (union/base vocabularies)",
-    "chat_template": "chat_template",
 }
 MODEL_KEYS = ("model", "parameters")
 
@@ -52,6 +54,8 @@ class MergeConfig:
     out_dtype: str | None
     tokenizer_source: str | None  # "base", a model path, or None (the donor's files)
     source: str = "<config>"  # where the config came from, for error messages
+    tokenizer: TokenizerSpec | None = None  # the tokenizer: block or tokenizer_source (vocab)
+    chat_template: str | None = None
 
     @property
     def base_index(self) -> int | None:
@@ -69,6 +73,8 @@ class MergeConfig:
             "dtype": self.dtype,
             "out_dtype": self.out_dtype,
             "tokenizer_source": self.tokenizer_source,
+            "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None,
+            "chat_template": self.chat_template,
         }
 
 
@@ -201,12 +207,9 @@ def from_dict(doc: Any, source: str = "<config>") -> MergeConfig:
     dtype = _dtype(doc.get("dtype"), "dtype", fail)
     out_dtype = _dtype(doc.get("out_dtype"), "out_dtype", fail)
     tok = doc.get("tokenizer_source")
-    if tok is not None:
-        if not isinstance(tok, str):
-            raise fail("tokenizer_source", f"expected 'base' or a model path, got {_describe(tok)}")
-        if tok == "union":
-            raise fail("tokenizer_source", "'union' (a merged vocabulary) is not supported yet")
-    cfg = MergeConfig(method, tuple(models), base, top, dtype, out_dtype, tok, source)
+    tokenizer = parse_tokenizer(doc.get("tokenizer"), tok, fail)
+    template = parse_chat_template(doc.get("chat_template"), fail)
+    cfg = MergeConfig(method, tuple(models), base, top, dtype, out_dtype, tok, source, tokenizer, template)
     _check_required(cfg, spec, fail)
     _check_values(cfg, spec, fail)
     return cfg

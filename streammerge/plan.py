@@ -22,6 +22,7 @@ from .derive import scratch_nbytes
 from .errors import BudgetError, CheckpointError, ShapeError
 from .header import FLOAT_DTYPES, ITEMSIZE, encode_header
 from .methods import SPECS, Scope
+from .vocab import TOKEN_TENSORS, VocabPlan, apply_tokenizer, resolve_template, tie_lm_head
 
 DEFAULT_SHARD_NBYTES = 5_000_000_000  # mergekit's default --out-shard-size, in bytes
 COPY = "copy"  # pseudo-method: non-float tensors are copied from the reference model
@@ -120,6 +121,9 @@ class Plan:
     seed: int
     plan_hash: str
     shard_nbytes: int = DEFAULT_SHARD_NBYTES  # the --shard-size the layout was packed for
+    vocab: VocabPlan | None = None  # the output vocabulary, when a tokenizer is configured
+    chat_template: str | None = None  # resolved (``auto`` looked up)
+    untied: bool = False  # an lm_head is written for inputs that tie it (tie_word_embeddings: false)
 
     def to_dict(self) -> dict:
         """A JSON-ready summary (``streammerge plan --json``)."""
@@ -164,6 +168,10 @@ def make_plan(
             key = m.key if m.key == "base_model" else f"{m.key}.model"
             raise CheckpointError(f"{cfg.source}: {key}: {e}") from None
     ref_i = cfg.base_index if cfg.base_index is not None else 0
+    ckpts, untied = tie_lm_head(ckpts)
+    vocab = apply_tokenizer(cfg, ckpts, ref_i, _promote) if cfg.tokenizer is not None else None
+    if vocab is not None:
+        ckpts = vocab[0]
     ref = ckpts[ref_i]
     for m, c in zip(cfg.models, ckpts):
         extra = next((name for name in c.tensors if name not in ref.tensors), None)
@@ -180,8 +188,9 @@ def make_plan(
     )
     estimate, jobs = _estimate(jobs, budget)
     donor = cfg.models[ref_i].model
-    tok = cfg.tokenizer_source
-    tokenizer_from = donor if tok in (None, "base") else tok
+    tok = cfg.tokenizer.source if cfg.tokenizer is not None else None
+    tokenizer_from = donor if tok in (None, "base", "union") else tok
+    template = resolve_template(cfg.chat_template, [c.directory for c in ckpts])
     fingerprints = tuple(f for c in ckpts for f in c.files)
     return Plan(
         cfg,
@@ -194,6 +203,9 @@ def make_plan(
         seed,
         _plan_hash(cfg, jobs, layout, fingerprints, seed),
         shard_nbytes,
+        vocab[1] if vocab is not None else None,
+        template,
+        untied,
     )
 
 
@@ -214,8 +226,13 @@ def _job_inputs(cfg: MergeConfig, ckpts: list[Checkpoint], ref_i: int, name: str
         if t is None:
             raise ShapeError(f"{m.model}: tensor {name} is missing (it is in {ref_model})")
         if t.shape != ref_t.shape:
+            hint = ""
+            if name in TOKEN_TENSORS and t.shape[1:] == ref_t.shape[1:]:
+                hint = (
+                    "; the vocabularies differ: set tokenizer_source (base, union or a model) or tokenizer:"
+                )
             raise ShapeError(
-                f"{t.path}: tensor {name} has shape {list(t.shape)}, {label} has {list(ref_t.shape)}"
+                f"{t.path}: tensor {name} has shape {list(t.shape)}, {label} has {list(ref_t.shape)}{hint}"
             )
         refs.append(t)
     dtypes = {t.dtype for t in refs}

@@ -18,6 +18,7 @@ from pathlib import Path
 from . import __version__
 from .checkpoint import open_checkpoint
 from .config import DTYPE_TORCH_NAMES
+from .derive import Dequant
 from .errors import OutputError, VerifyError, WriteError
 from .header import FLOAT_DTYPES, read_header
 from .journal import JOURNAL, LOCK, Journal, Lock, describe_change, input_prints, read_journal, state
@@ -260,6 +261,14 @@ class OutputWriter:
         if donor.config is None:
             return
         cfg = dict(donor.config)
+        # config.json describes the tensors written (vocab size, tying, no quantisation).
+        shapes = {j.name: j.shape for j in self.plan.jobs}
+        if "model.embed_tokens.weight" in shapes and "vocab_size" in cfg:
+            cfg["vocab_size"] = shapes["model.embed_tokens.weight"][0]
+        if self.plan.untied:
+            cfg["tie_word_embeddings"] = False
+        if any(isinstance(t.derive, Dequant) for j in self.plan.jobs for t in j.inputs):
+            cfg.pop("quantization_config", None)
         dtypes = {j.out_dtype for j in self.plan.jobs if j.out_dtype in FLOAT_DTYPES}
         if len(dtypes) == 1:
             name = DTYPE_TORCH_NAMES[dtypes.pop()]
@@ -269,10 +278,10 @@ class OutputWriter:
         _write_text(self.partial / "config.json", json.dumps(cfg, indent=2) + "\n")
 
     def _copy_tokenizer(self) -> None:
+        from .vocab import write_tokenizer
+
         src = open_checkpoint(self.plan.tokenizer_from).directory
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, self.partial / name)
+        write_tokenizer(self.plan.vocab, self.plan.chat_template, src, self.partial, TOKENIZER_FILES)
 
     def _model_card(self) -> str:
         cfg = self.plan.config
