@@ -116,6 +116,12 @@ def main() -> None:
 @click.option(
     "--allow-crimes", is_flag=True, hidden=True, help="Accepted for mergekit compatibility; no effect."
 )
+@click.option(
+    "--lazy-unpickle",
+    is_flag=True,
+    hidden=True,
+    help="Accepted for mergekit compatibility; .bin inputs are always read lazily.",
+)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @_friendly
 def merge(
@@ -130,6 +136,7 @@ def merge(
     resume,
     copy_tokenizer,
     allow_crimes,
+    lazy_unpickle,
     no_progress,
 ) -> None:
     """Merge the models in CONFIG (mergekit YAML) into the directory OUT.
@@ -138,6 +145,8 @@ def merge(
     """
     from .execute import merge as run_merge
 
+    if lazy_unpickle:
+        click.echo("note: --lazy-unpickle has no effect; .bin inputs are always read lazily", err=True)
     summary = run_merge(
         config,
         out,

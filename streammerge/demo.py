@@ -103,6 +103,7 @@ def write_checkpoint(
     n_shards: int = 2,
     sparse: bool = False,
     tokenizer: bool = True,
+    added_tokens: tuple[str, ...] = (),
 ) -> Path:
     """Write a Llama-shaped model. ``sparse``: real headers, data left as holes (for
     planning tests of 70B-class models without 140 GB of disk)."""
@@ -137,7 +138,7 @@ def write_checkpoint(
         (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (d / "config.json").write_text(json.dumps(spec.config(), indent=2) + "\n")
     if tokenizer:
-        write_tokenizer(d, spec.vocab)
+        write_tokenizer(d, spec.vocab, added_tokens)
     return d
 
 
@@ -164,9 +165,11 @@ def llama_config(spec: ModelSpec) -> dict:
     }
 
 
-def write_tokenizer(d: Path, vocab: int) -> None:
-    """A small word-level tokenizer file set (tokenizers' JSON format)."""
-    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(vocab - 3)]
+def write_tokenizer(d: Path, vocab: int, added: tuple[str, ...] = ()) -> None:
+    """A small word-level tokenizer file set (tokenizers' JSON format); ``added`` tokens
+    take the last ids, as a fine-tune's new special tokens do."""
+    regular = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(vocab - 3 - len(added))]
+    words = regular + list(added)
     tok = {
         "version": "1.0",
         "truncation": None,
@@ -181,13 +184,14 @@ def write_tokenizer(d: Path, vocab: int) -> None:
                 "normalized": False,
                 "special": True,
             }
-            for i, w in enumerate(words[:3])
+            for i, w in enumerate(words)
+            if i < 3 or i >= len(regular)
         ],
         "normalizer": None,
         "pre_tokenizer": {"type": "Whitespace"},
         "post_processor": None,
         "decoder": None,
-        "model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate(words)}, "unk_token": "<unk>"},
+        "model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate(regular)}, "unk_token": "<unk>"},
     }
     (d / "tokenizer.json").write_text(json.dumps(tok))
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}

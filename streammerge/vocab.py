@@ -159,7 +159,7 @@ def read_vocab(directory: Path, config: dict | None) -> Vocab:
 class VocabPlan:
     tokens: tuple[str, ...]  # output vocabulary, by id
     n_padded: int  # embedding rows written
-    tokenizer: dict  # output tokenizer.json
+    tokenizer: dict  # output tokenizer.json; empty: the source's files are copied as they are
     new_added: tuple[dict, ...]  # added_tokens entries the output gained (tokenizer_config)
     source_dir: str  # tokenizer files are copied from here, then patched
 
@@ -169,9 +169,9 @@ def build_vocab(spec: TokenizerSpec, vocabs: list[Vocab], dirs: list[Path], base
     base = vocabs[base_i]
     if spec.source not in ("union", "base"):
         v = vocabs[named]
-        doc, src = v.doc, dirs[named]
+        src = dirs[named]
         tokens = _by_id(v.ids, len(v.ids), dirs[named])
-        return VocabPlan(tokens, _pad(len(tokens), spec), doc, (), str(src))
+        return VocabPlan(tokens, _pad(len(tokens), spec), {}, (), str(src))  # copied verbatim
     keep = {t: i for t, i in base.ids.items() if i < base.size}
     doc = json.loads(json.dumps(base.doc))
     doc["added_tokens"] = [e for e in doc.get("added_tokens") or [] if e["id"] < base.size]
@@ -329,7 +329,7 @@ def apply_tokenizer(cfg, ckpts: list, ref_i: int, promote) -> tuple[list, VocabP
         if not present_refs:
             continue
         dtype = cfg.dtype or promote({r.dtype for r in present_refs})
-        present, maps = row_maps(plan, spec, vocabs, refs, ref_i, models, dtype)
+        present, maps = row_maps(plan, spec, vocabs, refs, cfg.base_index, models, dtype)
         for i, rm in zip(present, maps):
             r = refs[i]
             tensors[i][name] = TensorRef(r.path, r.offset, dtype, (plan.n_padded, *r.shape[1:]), rm)
@@ -352,7 +352,7 @@ def write_tokenizer(plan: VocabPlan | None, template: str | None, src: Path, out
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)
     tc_path = out / "tokenizer_config.json"
-    if plan is not None:
+    if plan is not None and plan.tokenizer:
         (out / "tokenizer.json").write_text(json.dumps(plan.tokenizer, ensure_ascii=False, indent=2))
         (out / "tokenizer.model").unlink(missing_ok=True)  # a built tokenizer is fast-only
         if tc_path.is_file() and plan.new_added:
