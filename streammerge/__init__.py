@@ -5,6 +5,11 @@ The package reads like the pipeline (DESIGN.md §1)::
     config      YAML -> frozen MergeConfig (key paths in every error)
     header      the safetensors format: parse/validate, encode like save_file
     checkpoint  a model on disk -> {name: TensorRef}; read element ranges
+      torchbin    PyTorch .bin files -> file ranges (torch.load(mmap=True) offsets)
+      adapter     base+adapter: LoRA/PEFT tensors -> derived refs, checked against the base
+      hub         a hub ID -> its local cache snapshot (never downloads)
+      derive      inputs computed on read: F8 dequant, LoRA W + s*B@A, vocabulary row maps
+    vocab       tokenizer:/tokenizer_source/chat_template -> output vocabulary, token rows
     plan        config + headers -> Plan(jobs, layout, estimate); never imports torch
     methods/    torch-free specs + pure torch kernels, one module per family
     execute     run a plan chunk by chunk within --max-memory (reader/compute/writer)
@@ -12,6 +17,8 @@ The package reads like the pipeline (DESIGN.md §1)::
     journal     resume: finished-tensor journal, OUT.partial lock, input fingerprints
     cli         click commands: parse -> one library call -> render
     demo        small deterministic Llama-shaped checkpoints and configs
+      arch        demo specs for Mistral, Qwen2, Gemma, Phi-3, Mixtral (config.json as shipped)
+      demo_formats  .bin copies, F8 copies, LoRA adapters, hub cache layouts (for tests)
     sweep       'models[1].parameters.weight=0.2,0.4' -> a grid of named config variants
     errors      the one-line error family
 
