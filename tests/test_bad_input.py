@@ -191,7 +191,7 @@ def unreadable_index(tiny, tmp):
 
 
 @case
-def no_weights_in_model_dir(tiny, tmp):
+def bin_that_is_not_a_torch_save_zip(tiny, tmp):
     d = tmp / "empty"
     d.mkdir()
     (d / "pytorch_model.bin").write_bytes(b"PK")
@@ -199,10 +199,18 @@ def no_weights_in_model_dir(tiny, tmp):
         swap(tiny, d),
         [],
         (
-            f"{{cfg}}: models[0].model: {d}: no .safetensors weights found (found pytorch_model.bin:"
-            " .bin checkpoints are not supported yet)"
+            f"{{cfg}}: models[0].model: {d / 'pytorch_model.bin'}: not a zip-format torch.save file"
+            " (legacy .bin format); re-save it with torch>=1.6"
         ),
     )
+
+
+@case
+def no_weights_in_model_dir(tiny, tmp):
+    d = tmp / "no-weights"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return (swap(tiny, d), [], f"{{cfg}}: models[0].model: {d}: no .safetensors or .bin weights found")
 
 
 @case
@@ -212,7 +220,7 @@ def model_is_a_text_file(tiny, tmp):
     return (
         swap(tiny, p),
         [],
-        f"{{cfg}}: models[0].model: {p}: expected a .safetensors file or a model directory",
+        f"{{cfg}}: models[0].model: {p}: expected a .safetensors or .bin file or a model directory",
     )
 
 
