@@ -63,12 +63,14 @@ def materialise(path: Path, models: Path, tmp: Path) -> Path:
 
 
 def expected_rows(stem: str) -> int:
-    return {
-        "io_union_linear": 514,
-        "io_union_pad": 576,
-        "io_tokenizer_named": 514,
-        "io_tokens_zero": 514,
-    }.get(stem, 512)
+    wide = (
+        "io_union_linear",
+        "io_tokenizer_named",
+        "io_tokens_zero",
+        "io_tokens_model_token",
+        "io_tokenizer_outside",
+    )
+    return 576 if stem == "io_union_pad" else 514 if stem in wide else 512
 
 
 def test_corpus_size():
@@ -198,6 +200,20 @@ def check_tokens_zero(got, m, out, cfg):
     assert torch.allclose(got[n][513], _f(f2[n][512]), atol=1e-7)  # forced from ft2v everywhere
 
 
+def check_model_token(got, m, out, cfg):
+    f1, _, b = _vocab_inputs(m)
+    n = "lm_head.weight"
+    assert torch.allclose(got[n][512], 0.5 * _f(f1[n][512]) + 0.5 * _f(b[n][10]), atol=1e-7)  # w7 is id 10
+
+
+def check_outside(got, m, out, cfg):
+    _, f2, b = _vocab_inputs(m)
+    n = "model.embed_tokens.weight"
+    assert torch.equal(got[n][512], torch.zeros(128))  # <tool>: in no input
+    assert torch.allclose(got[n][513], _f(f2[n][512]), atol=1e-7)  # <think>: ft2v's row for both
+    assert torch.allclose(got[n][7], 0.5 * _f(f2[n][7]) + 0.5 * _f(b[n][7]), atol=1e-7)
+
+
 def check_chat_template(got, m, out, cfg):
     tc = json.loads((out / "tokenizer_config.json").read_text())
     assert tc["chat_template"].startswith("{% for message in messages %}")
@@ -223,6 +239,8 @@ CHECKS = {
     "io_tokenizer_named": check_named,
     "io_tokens_zero": check_tokens_zero,
     "io_chat_template": check_chat_template,
+    "io_tokens_model_token": check_model_token,
+    "io_tokenizer_outside": check_outside,
     "io_tied_mixed": check_tied,
 }
 
