@@ -18,7 +18,10 @@ CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", tor
          torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.int8: "I8",
          torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}  # fmt: skip
 
-names = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=12)
+# "__metadata__" is the header's metadata key, never a tensor name
+names = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=12).filter(
+    lambda n: n != "__metadata__"
+)
 tensors = st.dictionaries(
     names,
     st.tuples(st.sampled_from(list(CODES)), st.lists(st.integers(0, 4), max_size=3)),
