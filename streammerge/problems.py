@@ -28,7 +28,8 @@ class Findings:
     def errors(self) -> list[StreamMergeError]:
         out = []
         for (kind, *_), lines in self.groups.items():
-            more = f" (and {len(lines) - 1} more tensors)" if len(lines) > 1 else ""
+            n = len(lines) - 1
+            more = f" (and {n} more tensor{'s' if n > 1 else ''})" if n else ""
             cls = ConfigError if kind in ("layers", "param", "filter") else ShapeError
             out.append(cls(lines[0] + more))
         return out
