@@ -3,6 +3,8 @@
 The package reads like the pipeline (DESIGN.md §1)::
 
     config      YAML -> frozen MergeConfig (key paths in every error)
+      params    parameter settings: scalars, gradients, filter lists; per-tensor resolution
+      slices    models:/slices:/modules: -> Slices (sources, layer ranges, per-slice method)
     header      the safetensors format: parse/validate, encode like save_file
     checkpoint  a model on disk -> {name: TensorRef}; read element ranges
       torchbin    PyTorch .bin files -> file ranges (torch.load(mmap=True) offsets)
@@ -11,6 +13,8 @@ The package reads like the pipeline (DESIGN.md §1)::
       derive      inputs computed on read: F8 dequant, LoRA W + s*B@A, vocabulary row maps
     vocab       tokenizer:/tokenizer_source/chat_template -> output vocabulary, token rows
     plan        config + headers -> Plan(jobs, layout, estimate); never imports torch
+      layers    layer stacks in tensor names; slices -> renumbered output tensors, t
+      problems  input problems (architecture, layers, tensors, filters) grouped, all at once
     methods/    torch-free specs + pure torch kernels, one module per family
     execute     run a plan chunk by chunk within --max-memory (reader/compute/writer)
     write       OUT.partial/, pwrite at planned offsets, manifest, atomic rename; verify

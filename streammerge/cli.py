@@ -42,7 +42,7 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except StreamMergeError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo("\n".join(f"error: {line}" for line in str(e).splitlines()), err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("error: interrupted; nothing was written to the output", err=True)

@@ -6,8 +6,6 @@ mergekit ignores unknown keys and typos; we reject them with the key path and a
 
 from __future__ import annotations
 
-import difflib
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -16,46 +14,59 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .methods import SPECS, Param, Scope
+from .methods import SPECS, Scope
+from .params import (
+    Level,
+    Scalar,
+    Setting,
+    describe,
+    is_constant,
+    parse_settings,
+    resolve,
+    to_data,
+    unknown,
+    value_problems,
+)
+from .slices import (
+    ConfigCollector,
+    InputModel,
+    Slice,
+    model_path,
+    models_slice,
+    module_body,
+    norm,
+    parse_method,
+    parse_slices,
+    same,
+)
 from .vocab import TokenizerSpec, parse_chat_template, parse_tokenizer
 
-Scalar = float | bool
+__all__ = ["MergeConfig", "InputModel", "Slice", "Scalar", "Setting", "load_config", "parse_config"]
 
 # config spelling -> safetensors code
 DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
 DTYPE_TORCH_NAMES = {code: name for name, code in DTYPE_NAMES.items()}
 
 TOP_KEYS = (
-    "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+    "merge_method", "base_model", "models", "slices", "modules", "parameters", "dtype", "out_dtype",
     "tokenizer_source", "tokenizer", "chat_template",
 )  # fmt: skip
-# mergekit keys we know but do not handle yet: a clear error beats a silent ignore.
-NOT_YET = {
-    "slices": "slices/layer_range (frankenmerges)",
-    "modules": "per-module configs",
-}
-MODEL_KEYS = ("model", "parameters")
-
-
-@dataclass(frozen=True, slots=True)
-class InputModel:
-    model: str  # a local path, as written in the config
-    parameters: dict[str, Scalar] = field(default_factory=dict)
-    key: str = ""  # key path of this entry, e.g. "models[1]"
 
 
 @dataclass(frozen=True, slots=True)
 class MergeConfig:
     merge_method: str
-    models: tuple[InputModel, ...]  # gather order; an unlisted base is appended last
+    models: tuple[InputModel, ...]  # every model once, in order of first mention; base included
     base_model: str | None
-    parameters: dict[str, Scalar]
+    parameters: dict[str, Setting]
     dtype: str | None  # safetensors code, e.g. "BF16"
     out_dtype: str | None
     tokenizer_source: str | None  # "base", a model path, or None (the donor's files)
     source: str = "<config>"  # where the config came from, for error messages
     tokenizer: TokenizerSpec | None = None  # the tokenizer: block or tokenizer_source (vocab)
     chat_template: str | None = None
+    slices: tuple[Slice, ...] = ()
+    module_parameters: dict[str, Setting] = field(default_factory=dict)  # modules.default
 
     @property
     def base_index(self) -> int | None:
@@ -63,19 +74,57 @@ class MergeConfig:
             return None
         return next(i for i, m in enumerate(self.models) if m.model == self.base_model)
 
+    @property
+    def frankenmerge(self) -> bool:
+        """Written with ``slices:`` (layer ranges), not ``models:``."""
+        return self.slices[0].sources[0].layer_range is not None
+
+    @property
+    def donor(self) -> str:
+        """The model whose config.json the output gets: the base, else the first listed."""
+        return self.base_model or self.models[0].model
+
+    def levels(self, sl: Slice, source: InputModel | None) -> list[Level]:
+        """Parameter levels in precedence order (reference §1.2): the model's own entry
+        (per-model parameters only), the slice, the module, the top level."""
+        out = [Level(f"{source.key}.parameters", source.parameters)] if source is not None else []
+        if sl.key != "models":
+            out.append(Level(f"{sl.key}.parameters", sl.parameters))
+        if self.module_parameters:
+            out.append(Level("modules.default.parameters", self.module_parameters))
+        return out + [Level("parameters", self.parameters)]
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain data (for the manifest and plan_hash)."""
-        return {
+
+        def params(settings):
+            return {k: to_data(v) for k, v in settings.items()}
+
+        def entry(m):
+            return {"model": m.model, "parameters": params(m.parameters)} | (
+                {"layer_range": list(m.layer_range)} if m.layer_range is not None else {}
+            )
+
+        doc = {
             "merge_method": self.merge_method,
             "base_model": self.base_model,
-            "models": [{"model": m.model, "parameters": m.parameters} for m in self.models],
-            "parameters": self.parameters,
+            "models": [entry(m) for m in self.models],
+            "parameters": params(self.parameters),
             "dtype": self.dtype,
             "out_dtype": self.out_dtype,
             "tokenizer_source": self.tokenizer_source,
             "tokenizer": self.tokenizer.to_dict() if self.tokenizer else None,
             "chat_template": self.chat_template,
         }
+        if self.slices and self.frankenmerge:
+            doc["slices"] = [
+                {"sources": [entry(m) for m in sl.sources], "merge_method": sl.merge_method,
+                 "base_model": sl.base_model, "parameters": params(sl.parameters)}
+                for sl in self.slices
+            ]  # fmt: skip
+        if self.module_parameters:
+            doc["module_parameters"] = params(self.module_parameters)
+        return doc
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -134,183 +183,139 @@ def parse_config(text: str, source: str = "<config>") -> MergeConfig:
 
 
 def from_dict(doc: Any, source: str = "<config>") -> MergeConfig:
-    """Validate an already-parsed config mapping."""
-
-    def fail(key: str, msg: str) -> ConfigError:
-        return ConfigError(f"{source}: {key}: {msg}" if key else f"{source}: {msg}")
-
+    """Validate an already-parsed config mapping; every problem found is reported."""
+    probs = ConfigCollector(source)
+    fail = probs.fail
     if not isinstance(doc, dict):
-        raise fail("", f"expected a mapping of config keys, got {_describe(doc)}")
+        raise fail("", f"expected a mapping of config keys, got {describe(doc)}")
     for key in doc:
-        if key in NOT_YET:
-            raise fail(str(key), f"{NOT_YET[key]} is not supported yet")
-        if key not in TOP_KEYS:
-            raise fail(str(key), _unknown("key", key, TOP_KEYS))
-    if "merge_method" not in doc:
-        raise fail("merge_method", "required key is missing")
-    method = doc["merge_method"]
-    if not isinstance(method, str):
-        raise fail("merge_method", f"expected a method name, got {_describe(method)}")
-    if method not in SPECS:
-        raise fail("merge_method", _unknown("merge method", method, SPECS))
-    spec = SPECS[method]
+        with probs.each():
+            if key not in TOP_KEYS:
+                raise fail(str(key), unknown("key", key, TOP_KEYS))
+    with probs.each():
+        spec = parse_method(doc.get("merge_method"), "merge_method", fail, required=True)
+    probs.check()  # nothing below means anything without a method
 
-    base = doc.get("base_model")
-    if base is not None:
-        base = _model_path(base, "base_model", fail)
-    if "models" not in doc:
-        raise fail("models", "required key is missing (a list of {model: PATH})")
-    raw_models = doc["models"]
-    if not isinstance(raw_models, list) or not raw_models:
-        raise fail("models", f"expected a non-empty list, got {_describe(raw_models)}")
+    base = None
+    with probs.each():
+        base = (
+            model_path(doc["base_model"], "base_model", fail) if doc.get("base_model") is not None else None
+        )
+    body, prefix, module_params_raw = doc, "", None
+    if "modules" in doc:
+        body, prefix = module_body(doc, fail), "modules.default."
+        module_params_raw = body.get("parameters")
+    forms = [k for k in ("models", "slices") if k in body]
+    top_forms = [k for k in ("models", "slices") if k in doc]
+    if "modules" in doc and top_forms:
+        raise fail(top_forms[0], "use either modules: or top-level models:/slices:, not both")
+    if len(forms) != 1:
+        if forms:
+            raise fail("slices", "use either models: or slices:, not both")
+        raise fail(f"{prefix}models", "required key is missing (a list of {model: PATH})")
 
-    models: list[InputModel] = []
-    seen: dict[str, str] = {}
-    for i, entry in enumerate(raw_models):
-        key = f"models[{i}]"
-        if isinstance(entry, str):
-            entry = {"model": entry}
-        if not isinstance(entry, dict):
-            raise fail(key, f"expected a mapping with a 'model' key, got {_describe(entry)}")
-        for k in entry:
-            if k not in MODEL_KEYS:
-                hint = ""
-                if k in ("weight", "density", "t", "scale"):
-                    hint = f" ('{k}' belongs under {key}.parameters)"
-                raise fail(f"{key}.{k}", _unknown("key", k, MODEL_KEYS) + hint)
-        if "model" not in entry:
-            raise fail(f"{key}.model", "required key is missing")
-        path = _model_path(entry["model"], f"{key}.model", fail)
-        norm = os.path.normpath(os.path.abspath(path))
-        if norm in seen:
-            raise fail(f"{key}.model", f"{path} is listed twice (also {seen[norm]})")
-        seen[norm] = f"{key}.model"
-        params = _parameters(entry.get("parameters", {}), f"{key}.parameters", spec, fail)
-        models.append(InputModel(path, params, key))
-
-    if base is not None and os.path.normpath(os.path.abspath(base)) not in seen:
-        models.append(InputModel(base, {}, "base_model"))  # mergekit appends it last
-    elif base is not None:
-        # Refer to the base by exactly the string its models[] entry uses.
-        base = next(m.model for m in models if _same(m.model, base))
-
-    if spec.requires_base and base is None:
-        raise fail("base_model", f"required by merge_method {method}, but not set")
-    n = len(models)
-    if n < spec.min_inputs:
-        raise fail("models", f"{method} needs at least {spec.min_inputs} input models, got {n}")
-    if spec.max_inputs is not None and n > spec.max_inputs:
-        extra = " (base_model counts as an input)" if base is not None else ""
-        raise fail("models", f"{method} takes at most {spec.max_inputs} input model(s), got {n}{extra}")
-
-    top = _parameters(doc.get("parameters", {}), "parameters", spec, fail)
-    dtype = _dtype(doc.get("dtype"), "dtype", fail)
-    out_dtype = _dtype(doc.get("out_dtype"), "out_dtype", fail)
+    slices = []
+    with probs.each():
+        if forms == ["models"]:
+            slices = [models_slice(body["models"], f"{prefix}models", spec, base, probs)]
+        else:
+            slices = parse_slices(body["slices"], f"{prefix}slices", spec, base, probs)
+    probs.check()
+    specs = list(dict.fromkeys(SPECS[sl.merge_method] for sl in slices))
+    top = module_params = {}
+    with probs.each():
+        top = parse_settings(doc.get("parameters"), "parameters", specs, fail)
+    with probs.each():
+        module_params = parse_settings(module_params_raw, "modules.default.parameters", specs, fail)
+    dtype = out_dtype = tokenizer = template = None
     tok = doc.get("tokenizer_source")
-    tokenizer = parse_tokenizer(doc.get("tokenizer"), tok, fail)
-    template = parse_chat_template(doc.get("chat_template"), fail)
-    cfg = MergeConfig(method, tuple(models), base, top, dtype, out_dtype, tok, source, tokenizer, template)
-    _check_required(cfg, spec, fail)
-    _check_values(cfg, spec, fail)
+    with probs.each():
+        dtype = _dtype(doc.get("dtype"), "dtype", fail)
+    with probs.each():
+        out_dtype = _dtype(doc.get("out_dtype"), "out_dtype", fail)
+    with probs.each():
+        tokenizer = parse_tokenizer(doc.get("tokenizer"), tok, fail)
+    with probs.each():
+        template = parse_chat_template(doc.get("chat_template"), fail)
+    probs.check()
+
+    models: dict[str, InputModel] = {}
+    for sl in slices:
+        for m in sl.sources:
+            models.setdefault(norm(m.model), InputModel(m.model, m.parameters, m.key))
+    if base is not None:
+        base = next((m.model for m in models.values() if same(m.model, base)), base)
+        models.setdefault(norm(base), InputModel(base, {}, "base_model"))
+    cfg = MergeConfig(
+        spec.name, tuple(models.values()), base, top, dtype, out_dtype, tok, source, tokenizer,
+        template, tuple(slices), module_params,
+    )  # fmt: skip
+    for sl in cfg.slices:
+        with probs.each():
+            _check_required(cfg, sl, fail)
+            _check_constant_values(cfg, sl, fail)
+    probs.check()
     return cfg
 
 
-def _resolved(cfg: MergeConfig, m: InputModel, spec, name: str):
-    """A parameter's value for model ``m`` (its own, else top-level, else the default),
-    and the key path it came from."""
-    if name in m.parameters:
-        return m.parameters[name], f"{m.key}.parameters.{name}"
-    if name in cfg.parameters:
-        return cfg.parameters[name], f"parameters.{name}"
-    return spec.param(name).default, f"{m.key}.parameters.{name}"
-
-
-def _check_values(cfg: MergeConfig, spec, fail) -> None:
-    """Combinations mergekit would only reject mid-merge, or turn into inf/NaN."""
-    if spec.name == "linear" and cfg.parameters.get("normalize", True):
-        total = sum(_resolved(cfg, m, spec, "weight")[0] for m in cfg.models)
-        if total == 0:
-            raise fail("parameters.normalize", "the weights sum to 0, so normalizing would divide by"
-                       " zero; change a weight or set normalize: false")  # fmt: skip
-    if spec.name == "nuslerp":
-        n_other = len(cfg.models) - (cfg.base_index is not None)
-        if n_other != 2:
-            raise fail("models", f"nuslerp merges exactly 2 models besides the base, got {n_other}")
-    if spec.param("epsilon") is not None and spec.param("density") is not None:  # della's window
-        for i, m in enumerate(cfg.models):
-            if i == cfg.base_index:
+def _check_required(cfg: MergeConfig, sl: Slice, fail) -> None:
+    """Every required parameter must be set at some level for every input that needs it
+    (whether a filter list yields a value for each tensor is checked by the plan)."""
+    spec = SPECS[sl.merge_method]
+    top = "parameters" if sl.key == "models" else f"{sl.key}.parameters"
+    for param in spec.params:
+        if not param.required:
+            continue
+        if param.scope is Scope.SHARED:
+            if not any(param.name in lv.settings for lv in cfg.levels(sl, None)):
+                raise fail(f"{top}.{param.name}", f"required by {spec.name}, but not set")
+            continue
+        for i, m in enumerate(sl.sources):
+            if param.scope is Scope.NON_BASE and i == sl.base_index:
                 continue
-            density, _ = _resolved(cfg, m, spec, "density")
-            epsilon, key = _resolved(cfg, m, spec, "epsilon")
-            if 0 < density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
-                raise fail(key, f"{spec.name} needs 0 < density - epsilon and density + epsilon < 1,"
-                           f" got density {density:g} and epsilon {epsilon:g}")  # fmt: skip
+            if not any(param.name in lv.settings for lv in cfg.levels(sl, m)):
+                where = f"{m.key}.parameters.{param.name}" if m.key != "base_model" else f"{top}.{param.name}"
+                raise fail(where, f"required by {spec.name} for {m.model}, but not set")
 
 
-def _same(a: str, b: str) -> bool:
-    return os.path.normpath(os.path.abspath(a)) == os.path.normpath(os.path.abspath(b))
+def _check_constant_values(cfg: MergeConfig, sl: Slice, fail) -> None:
+    """Value combinations that break the merge, when no gradient or filter is involved
+    (otherwise the plan checks every tensor)."""
+    spec = SPECS[sl.merge_method]
+    levels = [cfg.levels(sl, m) for m in sl.sources] + [cfg.levels(sl, None)]
+    if not all(is_constant(s) for lv in levels for level in lv for s in level.settings.values()):
+        return
+    shared, inputs = resolve_all(cfg, sl, "", 0.0, [""] * len(sl.sources))
+    for key, msg in value_problems(spec, shared, inputs, sl.base_index):
+        raise fail(key, msg)
 
 
-def _model_path(value: Any, key: str, fail) -> str:
-    if not isinstance(value, str) or not value or "\0" in value:
-        raise fail(key, f"expected a model path, got {_describe(value)}")
-    if value.count("+") > 1 or value.startswith("+") or value.endswith("+"):
-        raise fail(key, f"expected MODEL or BASE+ADAPTER (one '+'), got {value!r}")
-    return value
+def resolve_all(cfg: MergeConfig, sl: Slice, tensor: str, t: float, input_names) -> tuple[dict, list[dict]]:
+    """Every parameter of slice ``sl``'s method for one output tensor: shared ones looked up
+    with the output name, per-model ones with each input's own name; values missing at
+    every level take the default (None for a required one). (value, key path) pairs."""
+    spec = SPECS[sl.merge_method]
+    top = "parameters" if sl.key == "models" else f"{sl.key}.parameters"
 
+    def one(param, levels, name, default_key):
+        return resolve(param.name, levels, name, t) or (param.default, default_key)
 
-def _parameters(raw: Any, key: str, spec, fail) -> dict[str, Scalar]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise fail(key, f"expected a mapping of parameter names to values, got {_describe(raw)}")
-    names = [p.name for p in spec.params]
-    out: dict[str, Scalar] = {}
-    for name, value in raw.items():
-        param = spec.param(name)
-        if param is None:
-            if not names:
-                raise fail(f"{key}.{name}", f"merge_method {spec.name} takes no parameters")
-            msg = _unknown("parameter", name, names)
-            raise fail(f"{key}.{name}", msg.replace("parameter", f"{spec.name} parameter", 1))
-        if key.startswith("models[") and param.scope is Scope.SHARED:
-            raise fail(
-                f"{key}.{name}",
-                f"'{name}' is one value per tensor for {spec.name}; set it under top-level parameters",
-            )
-        out[name] = _scalar(value, param, f"{key}.{name}", fail)
-    return out
-
-
-def _scalar(value: Any, param: Param, key: str, fail) -> Scalar:
-    if isinstance(value, (list, dict)):
-        raise fail(
-            key, "gradients and filtered values (lists/mappings) are not supported yet; use a single number"
-        )
-    if param.kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise fail(key, f"expected true or false, got {_describe(value)}")
-    if param.kind is str:
-        if value in param.choices:
-            return value
-        raise fail(key, f"expected one of {', '.join(param.choices)}, got {_describe(value)}")
-    number: float | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str) and re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*", value):
-        number = float(value)  # YAML 1.1 reads 1e-5 as a string; mergekit accepts it
-    if number is None or not math.isfinite(number):
-        raise fail(key, f"expected a number, got {_describe(value)}")
-    if param.kind is int:
-        if number != int(number):
-            raise fail(key, f"expected a whole number, got {_describe(value)}")
-        number = int(number)
-    if param.minimum is not None and number < param.minimum:
-        raise fail(key, f"must be >= {param.minimum:g}, got {number:g}")
-    if param.maximum is not None and number > param.maximum:
-        raise fail(key, f"must be <= {param.maximum:g}, got {number:g}")
-    return number
+    shared_levels = cfg.levels(sl, None)
+    shared = {
+        p.name: one(p, shared_levels, tensor, f"{top}.{p.name}")
+        for p in spec.params
+        if p.scope is Scope.SHARED
+    }
+    inputs = []
+    for i, m in enumerate(sl.sources):
+        levels = cfg.levels(sl, m)
+        own = f"{m.key}.parameters" if m.key != "base_model" else top
+        inputs.append({
+            p.name: one(p, levels, input_names[i], f"{own}.{p.name}")
+            for p in spec.params
+            if p.scope is Scope.INPUT or (p.scope is Scope.NON_BASE and i != sl.base_index)
+        })  # fmt: skip
+    return shared, inputs
 
 
 def _dtype(value: Any, key: str, fail) -> str | None:
@@ -318,44 +323,8 @@ def _dtype(value: Any, key: str, fail) -> str | None:
         return None
     name = value.removeprefix("torch.") if isinstance(value, str) else value
     if name not in DTYPE_NAMES:
-        raise fail(key, _unknown("dtype", value, DTYPE_NAMES))
+        raise fail(key, unknown("dtype", value, DTYPE_NAMES))
     return DTYPE_NAMES[name]
-
-
-def _check_required(cfg: MergeConfig, spec, fail) -> None:
-    """Every required per-model parameter must be set for every model that needs it."""
-    for param in spec.params:
-        if not param.required:
-            continue
-        if param.scope is Scope.SHARED:
-            if param.name not in cfg.parameters:
-                raise fail(f"parameters.{param.name}", f"required by {spec.name}, but not set")
-            continue
-        for i, m in enumerate(cfg.models):
-            if param.scope is Scope.NON_BASE and i == cfg.base_index:
-                continue
-            if param.name not in m.parameters and param.name not in cfg.parameters:
-                where = (
-                    f"{m.key}.parameters.{param.name}"
-                    if m.key != "base_model"
-                    else (f"parameters.{param.name}")
-                )
-                raise fail(where, f"required by {spec.name} for {m.model}, but not set")
-
-
-def _unknown(what: str, got: Any, choices) -> str:
-    choices = [str(c) for c in choices]
-    close = difflib.get_close_matches(str(got), choices, n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; expected one of: {', '.join(choices)}"
-    return f"unknown {what} {got!r}{hint}"
-
-
-def _describe(value: Any) -> str:
-    if value is None:
-        return "nothing (null)"
-    if isinstance(value, (dict, list)):
-        return f"a {type(value).__name__}"
-    return f"{value!r}"
 
 
 _SIZE_UNITS = {

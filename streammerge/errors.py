@@ -4,6 +4,8 @@ The CLI prints ``error: <message>`` and exits with the class's ``exit_code`` (2 
 said otherwise); anything else is a bug and keeps its traceback.
 """
 
+from contextlib import contextmanager
+
 
 class StreamMergeError(Exception):
     """A problem with the user's input or environment, reported as one line."""
@@ -62,3 +64,64 @@ class VerifyError(StreamMergeError):
 class MethodError(StreamMergeError):
     """A method's math is undefined for these inputs (e.g. multislerp's weighted mean of
     antipodal directions is zero); names the tensor and what to change."""
+
+
+class Problems(StreamMergeError):
+    """Several independent problems found in one pass (a config, a plan), one line each.
+
+    ``str()`` is the lines joined by newlines; the CLI prefixes each with ``error:``.
+    """
+
+    def __init__(self, problems) -> None:
+        self.problems = tuple(problems)
+        super().__init__(*self.problems)
+
+    def __str__(self) -> str:
+        return "\n".join(str(p) for p in self.problems)  # each line made printable by its own class
+
+
+class ConfigErrors(Problems, ConfigError):
+    """Several ``ConfigError``s at once: still a ConfigError to those who catch one."""
+
+
+def raise_all(problems) -> None:
+    """Raise nothing, the one problem itself, or ``Problems`` for several."""
+    problems = list(problems)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise (ConfigErrors if all(isinstance(p, ConfigError) for p in problems) else Problems)(problems)
+
+
+class Collector:
+    """Gathers independent problems so that one pass reports them all."""
+
+    def __init__(self) -> None:
+        self.errors: list[StreamMergeError] = []
+
+    @contextmanager
+    def each(self):
+        """Record a StreamMergeError raised in the block and carry on after it."""
+        try:
+            yield
+        except _Recorded:
+            pass
+        except Problems as e:
+            self.errors += e.problems
+        except StreamMergeError as e:
+            self.errors.append(e)
+
+    def mark(self) -> int:
+        return len(self.errors)
+
+    def stop_if_new(self, mark: int) -> None:
+        """Leave the enclosing ``each`` block if problems were recorded since ``mark``."""
+        if len(self.errors) > mark:
+            raise _Recorded
+
+    def check(self) -> None:
+        raise_all(self.errors)
+
+
+class _Recorded(Exception):
+    """Unwinds to the enclosing ``Collector.each``: the problems are already recorded."""

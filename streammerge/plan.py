@@ -13,15 +13,18 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import __version__
 from .checkpoint import Checkpoint, TensorRef, open_checkpoint
-from .config import MergeConfig, Scalar, load_config
+from .config import MergeConfig, Scalar, load_config, resolve_all
 from .derive import scratch_nbytes
-from .errors import BudgetError, CheckpointError, ShapeError
+from .errors import BudgetError, CheckpointError, Collector
 from .header import FLOAT_DTYPES, ITEMSIZE, encode_header
-from .methods import SPECS, Scope
+from .layers import Route, config_updates, routes
+from .methods import SPECS
+from .params import value_problems
+from .problems import Findings, architecture_problems, extra_tensor_problems, unmatched_filters
 from .vocab import TOKEN_TENSORS, VocabPlan, apply_tokenizer, resolve_template, tie_lm_head
 
 DEFAULT_SHARD_NBYTES = 5_000_000_000  # mergekit's default --out-shard-size, in bytes
@@ -124,6 +127,8 @@ class Plan:
     vocab: VocabPlan | None = None  # the output vocabulary, when a tokenizer is configured
     chat_template: str | None = None  # resolved (``auto`` looked up)
     untied: bool = False  # an lm_head is written for inputs that tie it (tie_word_embeddings: false)
+    # Keys to set in the donor's config.json so it matches the tensors written.
+    config_updates: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """A JSON-ready summary (``streammerge plan --json``)."""
@@ -155,30 +160,50 @@ def make_plan(
     shard_nbytes: int = DEFAULT_SHARD_NBYTES,
     seed: int = 0,
 ) -> Plan:
-    """Plan a merge from headers alone. ``max_memory`` 0 means the default budget."""
+    """Plan a merge from headers alone. ``max_memory`` 0 means the default budget.
+    Every problem found in the inputs is reported together, one line each."""
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     budget = max_memory or default_max_memory()
     if budget < MIN_MAX_MEMORY:
         raise BudgetError(f"--max-memory {budget} bytes is too small; use at least 8MiB")
-    ckpts = []
+    probs = Collector()
+    ckpts: dict[str, Checkpoint] = {}
     for m in cfg.models:
-        try:
-            ckpts.append(open_checkpoint(m.model))
-        except CheckpointError as e:
-            key = m.key if m.key == "base_model" else f"{m.key}.model"
-            raise CheckpointError(f"{cfg.source}: {key}: {e}") from None
-    ref_i = cfg.base_index if cfg.base_index is not None else 0
-    ckpts, untied = tie_lm_head(ckpts)
-    vocab = apply_tokenizer(cfg, ckpts, ref_i, _promote) if cfg.tokenizer is not None else None
-    if vocab is not None:
-        ckpts = vocab[0]
-    ref = ckpts[ref_i]
-    for m, c in zip(cfg.models, ckpts):
-        extra = next((name for name in c.tensors if name not in ref.tensors), None)
-        if extra is not None:
-            ref_model = cfg.models[ref_i].model
-            raise ShapeError(f"{ref_model}: tensor {extra} is missing (it is in {m.model})")
-    unresolved = [_job_inputs(cfg, ckpts, ref_i, name) for name in ref.tensors]
+        with probs.each():
+            try:
+                ckpts[m.model] = open_checkpoint(m.model)
+            except CheckpointError as e:
+                key = m.key if m.key == "base_model" else f"{m.key}.model"
+                raise CheckpointError(f"{cfg.source}: {key}: {e}") from None
+    if cfg.donor not in ckpts:
+        probs.check()
+    untied, vocab = False, None
+    order = [m.model for m in cfg.models]
+    if all(m in ckpts for m in order):  # tied heads and vocabularies need every input
+        inputs, untied = tie_lm_head([ckpts[m] for m in order])
+        if cfg.tokenizer is not None:
+            with probs.each():
+                inputs, vocab = apply_tokenizer(cfg, inputs, order.index(cfg.donor), _promote)
+            probs.check()
+        ckpts = dict(zip(order, inputs))
+    checks = Findings(cfg)
+    skip = set(architecture_problems(cfg, ckpts, checks)) | {
+        m.model for m in cfg.models if m.model not in ckpts
+    }
+    routing = routes(cfg, {m: list(c.tensors) for m, c in ckpts.items() if m not in skip})
+    for line in routing.problems:
+        checks.add(("layers", line), f"{cfg.source}: {line}")
+    skip |= routing.skip
+    if not cfg.frankenmerge:
+        extra_tensor_problems(cfg, ckpts, skip, checks)
+    unresolved = []
+    for r in routing.routes:
+        job = _job(cfg, r, ckpts, skip, checks)
+        if job is not None:
+            unresolved.append(job)
+    unmatched_filters(cfg, routing, checks)
+    probs.errors += checks.errors()
+    probs.check()
     layout, placed = _layout(unresolved, shard_nbytes)
     jobs = tuple(
         sorted(
@@ -187,11 +212,12 @@ def make_plan(
         )
     )
     estimate, jobs = _estimate(jobs, budget)
-    donor = cfg.models[ref_i].model
+    donor = cfg.donor
     tok = cfg.tokenizer.source if cfg.tokenizer is not None else None
     tokenizer_from = donor if tok in (None, "base", "union") else tok
-    template = resolve_template(cfg.chat_template, [c.directory for c in ckpts])
-    fingerprints = tuple(f for c in ckpts for f in c.files)
+    template = resolve_template(cfg.chat_template, [c.directory for c in ckpts.values()])
+    fingerprints = tuple(f for c in ckpts.values() for f in c.files)
+    updates = config_updates(ckpts[donor].config, routing.layer_sources) if cfg.frankenmerge else {}
     return Plan(
         cfg,
         jobs,
@@ -203,9 +229,10 @@ def make_plan(
         seed,
         _plan_hash(cfg, jobs, layout, fingerprints, seed),
         shard_nbytes,
-        vocab[1] if vocab is not None else None,
+        vocab,
         template,
         untied,
+        updates,
     )
 
 
@@ -216,46 +243,69 @@ def default_max_memory() -> int:
     return max(MIN_MAX_MEMORY, min(8 << 30, psutil.virtual_memory().available // 2))
 
 
-def _job_inputs(cfg: MergeConfig, ckpts: list[Checkpoint], ref_i: int, name: str) -> Job:
-    ref_model = cfg.models[ref_i].model
-    ref_t = ckpts[ref_i].tensors[name]
-    label = "base" if cfg.base_index == ref_i else ref_model
+def _job(cfg: MergeConfig, r: Route, ckpts, skip, checks: Findings) -> Job | None:
+    sl = cfg.slices[r.slice]
+    ref_i = sl.base_index if sl.base_index is not None else 0
+    ref_model = sl.sources[ref_i].model
+    if any(m.model in skip for m in sl.sources):
+        return None
+    ref_t = ckpts[ref_model].tensors.get(r.inputs[ref_i])
+    label = "base" if sl.base_index == ref_i else ref_model
     refs = []
-    for m, c in zip(cfg.models, ckpts):
-        t = c.tensors.get(name)
+    for i, m in enumerate(sl.sources):
+        t = ckpts[m.model].tensors.get(r.inputs[i])
         if t is None:
-            raise ShapeError(f"{m.model}: tensor {name} is missing (it is in {ref_model})")
-        if t.shape != ref_t.shape:
+            holder = (
+                ref_model
+                if ref_t is not None
+                else next(
+                    (s.model for s, n in zip(sl.sources, r.inputs) if n in ckpts[s.model].tensors), None
+                )
+            )
+            if holder is not None:
+                checks.add(
+                    ("missing", m.model), f"{m.model}: tensor {r.inputs[i]} is missing (it is in {holder})"
+                )
+        elif ref_t is not None and t.shape != ref_t.shape:
             hint = ""
-            if name in TOKEN_TENSORS and t.shape[1:] == ref_t.shape[1:]:
+            if r.name in TOKEN_TENSORS and t.shape[1:] == ref_t.shape[1:]:
                 hint = (
                     "; the vocabularies differ: set tokenizer_source (base, union or a model) or tokenizer:"
                 )
-            raise ShapeError(
-                f"{t.path}: tensor {name} has shape {list(t.shape)}, {label} has {list(ref_t.shape)}{hint}"
-            )
+            checks.add(("shape", m.model, bool(hint)), f"{t.path}: tensor {r.inputs[i]} has shape"
+                       f" {list(t.shape)}, {label} has {list(ref_t.shape)}{hint}")  # fmt: skip
         refs.append(t)
+    if any(t is None for t in refs) or any(t.shape != ref_t.shape for t in refs):
+        return None
     dtypes = {t.dtype for t in refs}
     if not dtypes <= FLOAT_DTYPES:
         if len(dtypes) > 1:
-            raise ShapeError(f"{refs[0].path}: tensor {name} has dtypes {sorted(dtypes)} across models")
+            checks.add(
+                ("dtype", r.name),
+                f"{refs[0].path}: tensor {r.name} has dtypes {sorted(dtypes)} across models",
+            )
+            return None
         # Non-float buffers (position ids, masks) are copied from the reference model.
         d = ref_t.dtype
-        return Job(name, COPY, (ref_t,), None, ({},), {}, d, d, ref_t.shape, -1, -1)
-    spec = SPECS[cfg.merge_method]
+        return Job(r.name, COPY, (ref_t,), None, ({},), {}, d, d, ref_t.shape, -1, -1)
+    spec = SPECS[sl.merge_method]
+    shared, inputs = resolve_all(cfg, sl, r.name, r.t, r.inputs)
+    for i, params in enumerate([shared, *inputs]):
+        for value, key in params.values():
+            if value is None:  # a required parameter whose filters all miss this tensor
+                model = f" for {sl.sources[i - 1].model}" if i else ""
+                checks.add(("param", key), f"{cfg.source}: {key}: required by {spec.name}{model}, but no"
+                           f" filter matches tensor {r.inputs[i - 1] if i else r.name}")  # fmt: skip
+    if any(v is None for p in [shared, *inputs] for v, _ in p.values()):
+        return None
+    for key, msg in value_problems(spec, shared, inputs, sl.base_index):
+        checks.add(("param", key, msg), f"{cfg.source}: {key}: {msg} (tensor {r.name})")
     work = cfg.dtype or _promote(dtypes)
     out = cfg.out_dtype or work
-    base_i = cfg.base_index
-    input_params = tuple(
-        {
-            p.name: m.parameters.get(p.name, cfg.parameters.get(p.name, p.default))
-            for p in spec.params
-            if p.scope is Scope.INPUT or (p.scope is Scope.NON_BASE and i != base_i)
-        }
-        for i, m in enumerate(cfg.models)
-    )
-    shared = {p.name: cfg.parameters.get(p.name, p.default) for p in spec.params if p.scope is Scope.SHARED}
-    return Job(name, spec.name, tuple(refs), base_i, input_params, shared, work, out, ref_t.shape, -1, -1)
+    input_params = tuple({k: v for k, (v, _) in p.items()} for p in inputs)
+    shared_params = {k: v for k, (v, _) in shared.items()}
+    return Job(r.name, spec.name, tuple(refs), sl.base_index, input_params, shared_params, work, out,
+               ref_t.shape, -1, -1)  # fmt: skip
 
 
 def _promote(dtypes: set[str]) -> str:

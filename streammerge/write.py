@@ -260,7 +260,7 @@ class OutputWriter:
         donor = open_checkpoint(self.plan.donor)
         if donor.config is None:
             return
-        cfg = dict(donor.config)
+        cfg = dict(donor.config) | self.plan.config_updates
         # config.json describes the tensors written (vocab size, tying, no quantisation).
         shapes = {j.name: j.shape for j in self.plan.jobs}
         if "model.embed_tokens.weight" in shapes and "vocab_size" in cfg:

@@ -112,7 +112,11 @@ def missing_tensor(tiny, tmp):
     return (
         swap(tiny, d),
         [],
-        f"{d}: tensor model.layers.3.input_layernorm.weight is missing (it is in {tiny['ft2']})",
+        # the first model (the donor here) is the shallow one: each deeper model is one line
+        f"{{cfg}}: models[1].model: {tiny['ft2']} has 4 layers, {d} has 3 layers; models: merges"
+        " models of equal depth (use slices:)\nerror: "
+        f"{{cfg}}: models[2].model: {tiny['base']} has 4 layers, {d} has 3 layers; models: merges"
+        " models of equal depth (use slices:)",
     )
 
 
@@ -126,7 +130,7 @@ def shape_mismatch(tiny, tmp):
         [],
         (
             f"{d / SHARD1}: tensor model.layers.0.mlp.down_proj.weight has shape [256, 700],"
-            f" {tiny['ft1']} has [256, 688]"
+            f" {tiny['ft1']} has [256, 688] (and 11 more tensors)"  # 3 MLP weights x 4 layers
         ),
     )
 

@@ -207,7 +207,7 @@ def _scenarios(tiny: dict[str, Path], tmp: Path):
         out,
         (
             f"{wide}/model-00001-of-00002.safetensors: tensor model.layers.0.mlp.down_proj.weight"
-            " has shape [256, 700], base has [256, 688]"
+            " has shape [256, 700], base has [256, 688] (and 11 more tensors)"  # 3 MLP weights x 4 layers
         ),
     )
 

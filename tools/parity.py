@@ -10,6 +10,9 @@ the base model; KNOWN_DIFFERENCES tolerates a bounded fraction of differing elem
     .venv/bin/python tools/parity.py --mergekit-python /work/mkvenv/bin/python
     .venv/bin/python tools/parity.py --mergekit-python M --configs configs/linear.yml --json p.json
 
+By default: every configs/*.yml, and every tests/configs/*.yml marked with PARITY_MARK
+(slices, gradients, filters; as written only).
+
 Exit status 1 if any row FAILs. ``make parity`` builds the mergekit venv and runs this.
 """
 
@@ -33,6 +36,8 @@ from safetensors import safe_open
 from streammerge.demo import make_demo_models
 
 ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "tests" / "configs"
+PARITY_MARK = "# parity: bit-identical with mergekit 0.1.5"
 RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
 # method -> (why the tools differ, largest tolerated fraction of differing elements[, largest
 # tolerated difference relative to each tensor's largest magnitude])
@@ -209,13 +214,19 @@ def run_tools(config: Path, work: Path, out: Path, mk_python: Path, random: bool
     return "; ".join(errors) or None
 
 
+def corpus_configs() -> list[Path]:
+    """The configs of tests/configs/ marked ``# parity:`` (slices, gradients, filters)."""
+    return sorted(p for p in CORPUS.glob("*.yml") if PARITY_MARK in p.read_text())
+
+
 def variants(config: Path, work: Path) -> list[tuple[str, Path, dict]]:
-    """The config as written, then with dtype float32 and bfloat16 (skipping a repeat)."""
+    """The config as written, then with dtype float32 and bfloat16 (skipping a repeat);
+    corpus configs (tests/configs/) as written only, to keep the run short."""
     doc = yaml.safe_load(config.read_text())
     copy = work / config.name
     copy.write_text(config.read_text())
     out = [(f"{doc.get('dtype', 'none')} (as written)", copy, doc)]
-    for dtype in DTYPES:
+    for dtype in DTYPES if config.parent != CORPUS else ():
         if doc.get("dtype") != dtype:
             path = work / f"{config.stem}.{dtype}.yml"
             path.write_text(yaml.safe_dump(doc | {"dtype": dtype}, sort_keys=False))
@@ -237,7 +248,9 @@ def main() -> int:
     ap.add_argument(
         "--mergekit-python", type=Path, required=True, help="python of a venv with mergekit 0.1.5"
     )
-    ap.add_argument("--configs", type=Path, nargs="+", default=sorted((ROOT / "configs").glob("*.yml")))
+    ap.add_argument(
+        "--configs", type=Path, nargs="+", default=sorted((ROOT / "configs").glob("*.yml")) + corpus_configs()
+    )
     ap.add_argument("--workdir", type=Path, help="scratch dir (kept; default: a temp dir, removed)")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
