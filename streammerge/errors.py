@@ -62,3 +62,7 @@ class VerifyError(StreamMergeError):
 class MethodError(StreamMergeError):
     """A method's math is undefined for these inputs (e.g. multislerp's weighted mean of
     antipodal directions is zero); names the tensor and what to change."""
+
+
+class EvalError(StreamMergeError):
+    """A ``streammerge tune`` evaluation command failed or printed no score."""
