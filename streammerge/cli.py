@@ -301,7 +301,9 @@ def tune(config, eval_command, sweeps, out_root, minimize, keep, max_memory, thr
         seed=seed,
     )
     ref, best = result.reference, result.best
-    click.echo(f"best: {best.name} scored {best.score:g} (as written: {ref.score:g}); config in {result.best_config}")
+    click.echo(
+        f"best: {best.name} scored {best.score:g} (as written: {ref.score:g}); config in {result.best_config}"
+    )
 
 
 @main.command()

@@ -78,7 +78,9 @@ def tune(
     from .execute import merge
 
     if "{out}" not in eval_command:
-        raise EvalError(f"--eval {eval_command!r}: the command must contain {{out}} (the merged model's directory)")
+        raise EvalError(
+            f"--eval {eval_command!r}: the command must contain {{out}} (the merged model's directory)"
+        )
     load_config(config)  # the config as written: every error with its key path
     doc = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
     candidates = [(AS_WRITTEN, doc, ())]

@@ -45,7 +45,9 @@ def setup(tiny, tmp_path):
 def test_tune_scores_every_point_and_writes_the_best(setup):
     cfg, cmd, root = setup
     seen = []
-    result = tune(cfg, cmd, [parse_sweep("models[0].parameters.weight=0.1,0.5,0.9")], root, report=seen.append)
+    result = tune(
+        cfg, cmd, [parse_sweep("models[0].parameters.weight=0.1,0.5,0.9")], root, report=seen.append
+    )
     names = [t.name for t in result.trials]
     assert names == ["as-written", "models0.weight=0.1", "models0.weight=0.5", "models0.weight=0.9"]
     assert [t.name for t in seen] == names
@@ -83,9 +85,18 @@ def test_out_root_must_be_empty_unless_force(setup):
     "cmd, line",
     [
         ("true", "--eval 'true': the command must contain {out} (the merged model's directory)"),
-        ("echo hi {out} >&2; exit 3", "--eval for as-written: 'echo hi <out> >&2; exit 3' exited 3: hi <out>"),
-        ("echo {out} no-score", "--eval for as-written: 'echo <out> no-score' must print a score as its last word, got 'no-score'"),
-        ("echo {out} nan", "--eval for as-written: 'echo <out> nan' must print a score as its last word, got 'nan'"),
+        (
+            "echo hi {out} >&2; exit 3",
+            "--eval for as-written: 'echo hi <out> >&2; exit 3' exited 3: hi <out>",
+        ),
+        (
+            "echo {out} no-score",
+            "--eval for as-written: 'echo <out> no-score' must print a score as its last word, got 'no-score'",
+        ),
+        (
+            "echo {out} nan",
+            "--eval for as-written: 'echo <out> nan' must print a score as its last word, got 'nan'",
+        ),
     ],
 )
 def test_eval_errors_are_one_line(setup, cmd, line):
@@ -98,7 +109,16 @@ def test_eval_errors_are_one_line(setup, cmd, line):
 
 def test_a_bad_grid_point_fails_before_any_merge(setup, cli):
     cfg, cmd, root = setup
-    r = cli("tune", str(cfg), "--eval", cmd, "--sweep", "models[1].parameters.weight=0.5,abc", "--out-root", str(root))
+    r = cli(
+        "tune",
+        str(cfg),
+        "--eval",
+        cmd,
+        "--sweep",
+        "models[1].parameters.weight=0.5,abc",
+        "--out-root",
+        str(root),
+    )
     assert r.exit_code == 2
     assert r.output.strip() == (
         f"error: {cfg} [models1.weight=abc]: models[1].parameters.weight: expected a number, got 'abc'"
@@ -108,8 +128,12 @@ def test_a_bad_grid_point_fails_before_any_merge(setup, cli):
 
 def test_cli_prints_each_score_and_the_best(setup, cli):
     cfg, cmd, root = setup
-    r = cli("tune", str(cfg), "--eval", cmd, "--sweep", "models[*].parameters.weight=1", "--out-root", str(root))
+    r = cli(
+        "tune", str(cfg), "--eval", cmd, "--sweep", "models[*].parameters.weight=1", "--out-root", str(root)
+    )
     assert r.exit_code == 0, r.output
     lines = r.output.strip().splitlines()
     assert lines[0].endswith("  as-written") and lines[1].endswith("  models.weight=1")
-    assert lines[-1].startswith("best: as-written scored ") and lines[-1].endswith(f"config in {root / 'best.yml'}")
+    assert lines[-1].startswith("best: as-written scored ") and lines[-1].endswith(
+        f"config in {root / 'best.yml'}"
+    )
