@@ -261,6 +261,52 @@ def verify(out, against) -> None:
 
 
 @main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option(
+    "--eval",
+    "eval_command",
+    required=True,
+    help="Shell command scoring a merge; {out} becomes its directory; the last word printed is the score.",
+)
+@click.option("--sweep", "sweeps", multiple=True, help="KEY=V1,V2,... (repeat for a grid).")
+@click.option("--out-root", type=click.Path(file_okay=False), default="tune-out")
+@click.option("--minimize", is_flag=True, help="Lower scores are better.")
+@click.option("--keep", is_flag=True, help="Keep every merged model, not only configs and scores.")
+@click.option("--max-memory", type=SIZE, default=None, help="Bytes of tensor buffers per merge.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads for the math.")
+@click.option("--seed", type=int, default=0, help="Seed for methods that sample.")
+@click.option("--force", is_flag=True, help="Replace a non-empty --out-root.")
+@_friendly
+def tune(config, eval_command, sweeps, out_root, minimize, keep, max_memory, threads, seed, force) -> None:
+    """Merge CONFIG as written and at every point of the --sweep grid, score each merge with
+    --eval, and write the best config to OUT_ROOT/best.yml (all scores: OUT_ROOT/tune.json).
+
+    Example: streammerge tune merge.yml --eval 'python score.py {out}'
+    --sweep 'models[*].parameters.weight=0.3,0.5' --sweep parameters.lambda=1,1.5
+    """
+    from .sweep import parse_sweep
+    from .tune import tune as run_tune
+
+    result = run_tune(
+        config,
+        eval_command,
+        [parse_sweep(s) for s in sweeps],
+        out_root,
+        maximize=not minimize,
+        keep=keep,
+        force=force,
+        report=lambda t: click.echo(f"{t.score:>12.6g}  {t.name}"),
+        max_memory=max_memory or 0,
+        threads=threads,
+        seed=seed,
+    )
+    ref, best = result.reference, result.best
+    click.echo(
+        f"best: {best.name} scored {best.score:g} (as written: {ref.score:g}); config in {result.best_config}"
+    )
+
+
+@main.command()
 @click.argument("out", type=click.Path(file_okay=False), default="demo-out")
 @click.option("--max-memory", type=SIZE, default="64MiB")
 @_friendly

@@ -125,3 +125,7 @@ class Collector:
 
 class _Recorded(Exception):
     """Unwinds to the enclosing ``Collector.each``: the problems are already recorded."""
+
+
+class EvalError(StreamMergeError):
+    """A ``streammerge tune`` evaluation command failed or printed no score."""
