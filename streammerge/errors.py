@@ -62,3 +62,15 @@ class VerifyError(StreamMergeError):
 class MethodError(StreamMergeError):
     """A method's math is undefined for these inputs (e.g. multislerp's weighted mean of
     antipodal directions is zero); names the tensor and what to change."""
+
+
+class ShardError(StreamMergeError):
+    """A shard task failed past its attempt cap, or ``finalize`` found shards not done.
+
+    Messages name the shard by index and file, e.g. ``shard 3
+    (model-00004-of-00007.safetensors): 3 attempts failed; last: a worker process died``.
+    """
+
+
+class BackendError(StreamMergeError):
+    """A backend cannot run: Ray is not installed, or its cluster cannot be reached."""
