@@ -66,8 +66,8 @@ class InlineBackend:
 
 
 class ProcessesBackend:
-    """A local pool of ``workers`` spawned processes (not forked: torch's thread pools do
-    not survive a fork)."""
+    """A local pool of ``workers`` processes (never forked from this one: torch's thread
+    pools do not survive a fork)."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
@@ -76,10 +76,9 @@ class ProcessesBackend:
     def map_unordered(self, fn, common, items):
         from concurrent.futures import ProcessPoolExecutor, as_completed
         from concurrent.futures.process import BrokenProcessPool
-        from multiprocessing import get_context
 
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"))
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=_context())
         task = functools.partial(fn, *common)
         futures = {self._pool.submit(task, item): item for item in items}
         for future in as_completed(futures):
@@ -96,6 +95,18 @@ class ProcessesBackend:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def _context():
+    """Workers forked from a server process that imported the executor once (fast pool
+    rebuilds after a death, no torch threads forked); plain spawn where there is none."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["streammerge.execute"])
+    return ctx
 
 
 class RayBackend:

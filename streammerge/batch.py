@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from .checkpoint import Reader
-from .config import MergeConfig, load_config
-from .errors import BudgetError, OutputError, StreamMergeError
+from .config import MergeConfig, from_dict, load_config
+from .errors import BudgetError, ConfigError, OutputError, StreamMergeError
 from .execute import ALL, COMBINE, MergeSummary, _device, _get, _JobRun, _put, _schedule_job, peak_rss
 from .header import ITEMSIZE
 from .methods import SPECS
@@ -57,8 +57,55 @@ class Member:
     """One merge of a batch: an output name, its config (or config path), sweep values."""
 
     name: str
-    config: MergeConfig | str
+    config: MergeConfig | str | tuple  # a config, a YAML path, or (source, parsed mapping)
     values: dict = field(default_factory=dict)  # sweep key path -> value; {} if not swept
+
+    def load(self) -> MergeConfig:
+        if isinstance(self.config, MergeConfig):
+            return self.config
+        if isinstance(self.config, tuple):
+            return from_dict(self.config[1], self.config[0])
+        return load_config(self.config)
+
+
+def members_from(configs: list[str], sweeps: list[str] | tuple[str, ...] = ()) -> list[Member]:
+    """Batch members for config paths, each expanded by the ``--sweep`` specs into a grid
+    (``streammerge.sweep``). Outputs are named after the config file, plus the swept
+    values: ``linear-models1.weight=0.4``. A config that cannot be read stays one member,
+    which fails when it is planned."""
+    stems = [Path(c).stem for c in configs]
+    names = [s if stems.count(s) == 1 else f"{s}-{i + 1}" for i, s in enumerate(stems)]
+    if not sweeps:
+        return [Member(n, str(c)) for n, c in zip(names, configs)]
+    from .sweep import expand, parse_sweep
+
+    parsed = [parse_sweep(s) for s in sweeps]
+    members = []
+    for name, path in zip(names, configs):
+        try:
+            doc = _yaml_doc(path)
+        except ConfigError:
+            members.append(Member(name, str(path)))
+            continue
+        for v in expand(doc, parsed):
+            members.append(Member(f"{name}-{v.name}", (f"{path} [{v.name}]", v.doc), dict(v.settings)))
+    return members
+
+
+def _yaml_doc(path: str):
+    """The parsed YAML mapping of a config file; errors are the config module's lines."""
+    import yaml
+
+    from .config import _UniqueKeyLoader, parse_config
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return load_config(path)  # raises its one-line ConfigError
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError:
+        return parse_config(text, source=path)  # raises its one-line ConfigError
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +176,7 @@ def run_batch(
     plans: dict[str, Plan] = {}
     for m in members:
         try:
-            cfg = m.config if isinstance(m.config, MergeConfig) else load_config(m.config)
+            cfg = m.load()
             plans[m.name] = make_plan(cfg, max_memory=budget, shard_nbytes=shard_nbytes, seed=seed)
         except StreamMergeError as e:
             fail(m.name, e)

@@ -36,6 +36,35 @@ class ByteSize(click.ParamType):
 SIZE = ByteSize()
 
 
+class ByteRate(ByteSize):
+    """A byte size per second: ``200MB``, ``200MB/s``, ``1GiB/s``."""
+
+    name = "RATE"
+
+    def convert(self, value, param, ctx):
+        return super().convert(value.removesuffix("/s") if isinstance(value, str) else value, param, ctx)
+
+
+def _polite(fn):
+    """The options that keep a merge polite on a shared server (``polite.IoLimits``)."""
+    options = [
+        click.option("--io-nice", is_flag=True, help="Lower CPU and I/O priority (nice 10, ionice -c2 -n7)."),
+        click.option("--max-read-rate", type=ByteRate(), default=None, help="Cap input reads, e.g. 200MB/s."),
+        click.option(
+            "--max-write-rate", type=ByteRate(), default=None, help="Cap output writes, e.g. 100MB/s."
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _io(io_nice: bool, max_read_rate: int | None, max_write_rate: int | None):
+    from .polite import IoLimits
+
+    return IoLimits(max_read_rate or 0, max_write_rate or 0, io_nice)
+
+
 def _friendly(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -123,22 +152,21 @@ def main() -> None:
     help="Accepted for mergekit compatibility; .bin inputs are always read lazily.",
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option(
+    "--backend",
+    type=click.Choice(["inline", "processes", "ray"]),
+    default="inline",
+    help="Where output shards are merged: this process, a local process pool, or Ray.",
+)
+@click.option("--address", default=None, help="Ray cluster to join (auto, ray://head:10001).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes (or local Ray CPUs).")
+@_polite
 @_friendly
 def merge(
-    config,
-    out,
-    max_memory,
-    device,
-    threads,
-    shard_size,
-    seed,
-    force,
-    resume,
-    copy_tokenizer,
-    allow_crimes,
-    lazy_unpickle,
-    no_progress,
-) -> None:
+    config, out, max_memory, device, threads, shard_size, seed, force, resume, copy_tokenizer,
+    allow_crimes, lazy_unpickle, no_progress, backend, address, workers, io_nice, max_read_rate,
+    max_write_rate,
+) -> None:  # fmt: skip
     """Merge the models in CONFIG (mergekit YAML) into the directory OUT.
 
     Example: streammerge merge configs/linear.yml merged --max-memory 2GiB
@@ -159,24 +187,55 @@ def merge(
         resume=resume,
         copy_tokenizer=copy_tokenizer,
         progress=not no_progress and sys.stderr.isatty(),
+        io=_io(io_nice, max_read_rate, max_write_rate),
+        backend=backend,
+        address=address,
+        workers=workers or 0,
     )
     click.echo(summary.line())
 
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--max-memory", type=SIZE, default=None, help="Budget to plan for.")
+@click.argument("out", type=click.Path(file_okay=False), required=False)
+@click.option("--max-memory", type=SIZE, default=None, help="Budget to plan for (per shard task).")
 @click.option("--shard-size", "--out-shard-size", "shard_size", type=SIZE, default="5GB")
+@click.option("--seed", type=int, default=0, help="Seed for methods that sample.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option(
+    "--save-plan",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write a plan file for run-shard/finalize (needs OUT).",
+)
+@click.option("--force", is_flag=True, help="With --save-plan: finalize may replace a non-empty OUT.")
 @_friendly
-def plan(config, max_memory, shard_size, as_json) -> None:
+def plan(config, out, max_memory, shard_size, seed, as_json, save_plan, force) -> None:
     """Check CONFIG against the models' headers and show what a merge would do.
 
-    Reads no tensor data. Example: streammerge plan configs/linear.yml --max-memory 1GiB
+    Reads no tensor data. With OUT and --save-plan, prepare OUT.partial/ for
+    `streammerge run-shard FILE --shard I` (one per shard) and `streammerge finalize FILE`.
+
+    Example: streammerge plan configs/linear.yml --max-memory 1GiB
     """
     from .plan import make_plan
 
-    p = make_plan(config, max_memory=max_memory or 0, shard_nbytes=shard_size)
+    if save_plan:
+        from .shards import save_plan as save
+
+        if out is None:
+            raise click.UsageError("--save-plan needs OUT, the merge's output directory")
+        p = save(
+            config,
+            out,
+            save_plan,
+            max_memory=max_memory or 0,
+            shard_nbytes=shard_size,
+            seed=seed,
+            force=force,
+        )
+    else:
+        p = make_plan(config, max_memory=max_memory or 0, shard_nbytes=shard_size, seed=seed)
     d = p.to_dict()
     if as_json:
         click.echo(json.dumps(d, indent=2))
@@ -193,6 +252,93 @@ def plan(config, max_memory, shard_size, as_json) -> None:
     )
     for s in d["shards"]:
         click.echo(f"  {s['file']}  {s['nbytes'] / gib:.2f} GiB  {s['tensors']} tensors")
+    if save_plan:
+        n = len(d["shards"])
+        click.echo(f"saved plan    {save_plan}: run-shard --shard 0..{n - 1}, then finalize")
+
+
+@main.command("run-shard")
+@click.argument("plan_file", metavar="PLAN", type=click.Path(dir_okay=False))
+@click.option("--shard", "index", type=click.IntRange(min=0), required=True, help="Shard index (0-based).")
+@click.option("--max-memory", type=SIZE, default=None, help="Budget for this task.  [default: the plan's]")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu")
+@click.option(
+    "--max-attempts", type=click.IntRange(min=1), default=3, help="Give up after this many attempts."
+)
+@_polite
+@_friendly
+def run_shard(
+    plan_file, index, max_memory, threads, device, max_attempts, io_nice, max_read_rate, max_write_rate
+):
+    """Merge one output shard of a saved plan (a Slurm array task, a Kubernetes
+    Indexed Job pod). Idempotent: a shard already done is not written again.
+
+    Example: streammerge run-shard merged.plan.json --shard $SLURM_ARRAY_TASK_ID
+    """
+    from .shards import ShardOptions, load_plan
+    from .shards import run_shard as run
+
+    saved = load_plan(plan_file, max_memory=max_memory or 0)
+    io = _io(io_nice, max_read_rate, max_write_rate)
+    marker = run(saved.plan, saved.out, index, ShardOptions(threads, device, io, max_attempts))
+    click.echo(f"shard {index} done: {marker['file']} ({marker['nbytes']} bytes, plan {marker['plan_hash']})")
+
+
+@main.command()
+@click.argument("plan_file", metavar="PLAN", type=click.Path(dir_okay=False))
+@_friendly
+def finalize(plan_file) -> None:
+    """Check every shard of a saved plan is done, then write the index, config and
+    manifest and move OUT.partial/ to OUT/.
+
+    Example: streammerge finalize merged.plan.json
+    """
+    from .shards import finalize as run_finalize
+    from .shards import load_plan
+
+    saved = load_plan(plan_file)
+    run_finalize(saved.plan, saved.out, copy_tokenizer=saved.copy_tokenizer, force=saved.force)
+    click.echo(
+        f"finalized {saved.out}: {len(saved.plan.layout.shards)} shard(s), plan {saved.plan.plan_hash}"
+    )
+
+
+@main.command()
+@click.argument("configs", metavar="CONFIG...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out-root", type=click.Path(file_okay=False), required=True, help="Outputs go to DIR/<name>.")
+@click.option("--sweep", "sweeps", multiple=True, help="KEY=V1,V2,...; several --sweep make a grid.")
+@click.option("--max-memory", type=SIZE, default=None, help="Bytes of tensor buffers for the whole batch.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu")
+@click.option("--shard-size", "--out-shard-size", "shard_size", type=SIZE, default="5GB")
+@click.option("--seed", type=int, default=0, help="Seed for methods that sample.")
+@click.option("--force", is_flag=True, help="Replace non-empty outputs.")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first failing config.")
+@_polite
+@_friendly
+def batch(
+    configs, out_root, sweeps, max_memory, threads, device, shard_size, seed, force, fail_fast,
+    io_nice, max_read_rate, max_write_rate,
+) -> None:  # fmt: skip
+    """Merge several configs (and sweeps of them) reading shared inputs once.
+
+    Each output is OUT_ROOT/<config name>[-<sweep values>]; sweeps are listed in
+    OUT_ROOT/sweep.json. A failing config does not stop the others (exit 1 at the end).
+
+    Example: streammerge batch a.yml b.yml --out-root merged --sweep 'models[0].parameters.weight=0.3,0.7'
+    """
+    from .batch import members_from, run_batch, write_sweep_index
+
+    members = members_from(configs, sweeps)
+    summary = run_batch(
+        members, out_root, max_memory=max_memory or 0, shard_nbytes=shard_size, threads=threads, device=device,
+        seed=seed, force=force, fail_fast=fail_fast, io=_io(io_nice, max_read_rate, max_write_rate),
+    )  # fmt: skip
+    write_sweep_index(out_root, members, summary)
+    click.echo("\n".join(summary.lines()))
+    if summary.failed:
+        sys.exit(1)
 
 
 @main.command()

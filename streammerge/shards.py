@@ -245,6 +245,8 @@ def run_shard(plan: Plan, out: str | os.PathLike, index: int, options: ShardOpti
     done = work.marker(plan, index)
     if done is not None:
         return done
+    if finished(plan, out):
+        return {"plan_hash": plan.plan_hash, "shard": index, "file": shard.file_name, "nbytes": shard.nbytes}
     attempt, n = work.start_attempt(index)
     if n > options.max_attempts:
         raise ShardError(
@@ -292,6 +294,8 @@ def finalize(plan: Plan, out: str | os.PathLike, *, copy_tokenizer: bool = True,
     """Check every shard's marker and header, then commit ``OUT.partial/`` to ``OUT/``."""
     out = Path(out).absolute()
     work = WorkDir(out)
+    if not work.partial.is_dir() and finished(plan, out):
+        return
     if not work.partial.is_dir():
         raise ShardError(f"{work.partial}: missing; nothing to finalize (was the plan saved for {out}?)")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -313,6 +317,16 @@ def finalize(plan: Plan, out: str | os.PathLike, *, copy_tokenizer: bool = True,
         digests.update(done[i]["tensors"])
     OutputWriter.adopt(out, plan, copy_tokenizer=copy_tokenizer).commit(digests)
     shutil.rmtree(out / WORK, ignore_errors=True)
+
+
+def finished(plan: Plan, out: str | os.PathLike) -> bool:
+    """Whether ``out`` already holds this plan's finished merge (so reruns are no-ops)."""
+    from .write import MANIFEST
+
+    try:
+        return json.loads((Path(out) / MANIFEST).read_text())["plan_hash"] == plan.plan_hash
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 class _ShardFile:
