@@ -55,7 +55,11 @@ def test_batch_reads_shared_inputs_once_and_matches_separate_merges(small, tmp_p
 def test_fail_fast_stops_at_the_first_failure(tiny, tmp_path, cli):
     cfg = configs(tiny, tmp_path)[0]
     with pytest.raises(ConfigError):
-        run_batch([Member("missing", str(tmp_path / "no.yml")), Member("a", str(cfg))], tmp_path / "b", fail_fast=True)
+        run_batch(
+            [Member("missing", str(tmp_path / "no.yml")), Member("a", str(cfg))],
+            tmp_path / "b",
+            fail_fast=True,
+        )
     assert not (tmp_path / "b" / "a").exists()
     r = cli("batch", tmp_path / "no.yml", cfg, "--out-root", tmp_path / "b", "--fail-fast")
     assert (r.exit_code, r.stderr) == (2, f"error: {tmp_path / 'no.yml'}: config file not found\n")

@@ -44,22 +44,42 @@ def test_inline_backend_and_processes_write_the_same_files(reference, tmp_path):
     assert not (tmp_path / "proc.partial").exists() and not (tmp_path / "proc" / ".streammerge").exists()
 
 
-def test_run_shard_and_finalize_from_a_shell_loop(reference, tmp_path):
+FAKE_SBATCH = """#!/usr/bin/env bash
+# sbatch stand-in: runs the --wrap command now, once per --array index, in a shell loop.
+array= wrap=
+while [ $# -gt 0 ]; do
+  case $1 in --array=*) array=${1#--array=} ;; --wrap) wrap=$2; shift ;; esac
+  shift
+done
+if [ -n "$array" ]; then
+  for i in $(seq "${array%-*}" "${array#*-}"); do SLURM_ARRAY_TASK_ID=$i bash -c "$wrap" >&2 || exit 1; done
+else
+  bash -c "$wrap" >&2 || exit 1
+fi
+echo 4242
+"""
+
+
+def test_slurm_script_runs_shards_and_finalize_from_a_shell_loop(reference, tmp_path):
+    """tools/slurm_merge.sh with an sbatch that runs each array task in a shell loop."""
     cfg, want = reference
-    out, plan_file = tmp_path / "out", tmp_path / "plan.json"
-    script = f"""
-        set -e
-        {" ".join(PY)} plan {cfg} {out} --save-plan {plan_file} --shard-size {SHARD} --max-memory 32MiB
-        n=$(python3 -c "import json; print(len(json.load(open('{plan_file}'))['shards']))")
-        for i in $(seq 0 $((n - 1))); do {" ".join(PY)} run-shard {plan_file} --shard $i; done
-        {" ".join(PY)} finalize {plan_file}
-    """
-    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "sbatch").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", STREAMMERGE=" ".join(PY))
+    env.update(MAX_MEMORY="32MiB", THREADS="1", SHARD_SIZE=str(SHARD))
+    script = Path(__file__).parent.parent / "tools" / "slurm_merge.sh"
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", script, cfg, out], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     assert tree(out) == want
-    assert "shard 1 done: model-00002-of-00002.safetensors" in done.stdout
-    # Reruns of a finished plan (a requeued array task) are harmless no-ops.
-    again = subprocess.run([*PY, "finalize", str(plan_file)], capture_output=True, text=True)
+    assert "shard 1 done: model-00002-of-00002.safetensors" in done.stderr
+    assert done.stdout.splitlines()[-1] == (
+        f"plan {out}.plan.json: 2 shard task(s) in array job 4242; finalize is job 4242"
+    )
+    # A rerun of a finished plan's tasks (a requeued array task) is a harmless no-op.
+    again = subprocess.run([*PY, "finalize", f"{out}.plan.json"], capture_output=True, text=True)
     assert again.returncode == 0 and tree(out) == want
 
 
@@ -220,3 +240,30 @@ def test_io_nice_lowers_cpu_and_io_priority():
     assert int(got[0]) >= 10
     if got[1]:  # ionice present: best-effort class, lowest level
         assert got[1] == "best-effort: prio 7"
+
+
+def test_kubernetes_example_is_an_indexed_job_of_run_shard():
+    import yaml
+
+    path = Path(__file__).parent.parent / "tools" / "k8s_merge_job.yaml"
+    shards, final = yaml.safe_load_all(path.read_text())
+    spec = shards["spec"]
+    assert (shards["kind"], spec["completionMode"], spec["backoffLimitPerIndex"]) == ("Job", "Indexed", 2)
+    command = spec["template"]["spec"]["containers"][0]["command"]
+    plan_file = command[2]
+    assert command[:2] == ["streammerge", "run-shard"] and command[3:5] == [
+        "--shard",
+        "$(JOB_COMPLETION_INDEX)",
+    ]
+    assert final["spec"]["template"]["spec"]["containers"][0]["command"] == [
+        "streammerge",
+        "finalize",
+        plan_file,
+    ]
+    # Every option the pods pass is one run-shard accepts.
+    from click.testing import CliRunner
+
+    from streammerge.cli import main
+
+    help_text = CliRunner().invoke(main, ["run-shard", "--help"]).output
+    assert all(opt in help_text for opt in command if opt.startswith("--"))
