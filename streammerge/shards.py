@@ -335,6 +335,7 @@ class _ShardFile:
 
     def __init__(self, path: Path, shard) -> None:
         self.path = path
+        self.done: dict[str, str] = {}  # tensors to skip (a shard task always writes them all)
         self.digests: dict[str, str] = {}
         self._hashers: dict[str, object] = {}
         self._writeback = _Writeback()
