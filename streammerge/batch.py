@@ -28,6 +28,7 @@ import torch
 
 from .checkpoint import Reader
 from .config import MergeConfig, from_dict, load_config
+from .derive import read_derived
 from .errors import BudgetError, ConfigError, OutputError, StreamMergeError
 from .execute import ALL, COMBINE, MergeSummary, _device, _get, _JobRun, _put, _schedule_job, peak_rss
 from .header import ITEMSIZE
@@ -205,7 +206,7 @@ def run_batch(
             read_total += _run_group(slots, budget, dev, io, fail_fast)
         except BaseException as e:
             for s in slots:
-                s.writer.abort()
+                _discard(s.writer)
             if fail_fast or not isinstance(e, (StreamMergeError, OSError)):
                 raise
             for s in slots:
@@ -218,7 +219,7 @@ def run_batch(
                     continue
                 except (StreamMergeError, OSError) as e:
                     s.error = str(e)
-                    s.writer.abort()
+                    _discard(s.writer)
             fail(s.name, StreamMergeError(s.error))
     order = [m.name for m in members]
     return BatchSummary(
@@ -287,6 +288,17 @@ def _streams(slots: list[_Slot], budget: int):
     return tensors, read_set
 
 
+def _key(ref) -> tuple:
+    """Inputs are the same bytes when they read the same range the same way."""
+    return ref.path, ref.offset, ref.dtype, ref.derive
+
+
+def _discard(writer: OutputWriter) -> None:
+    """Drop a failed member's partial output (a batch has no --resume)."""
+    writer.suspend()
+    shutil.rmtree(writer.partial, ignore_errors=True)
+
+
 def _in_item(col) -> int:
     return sum(ITEMSIZE[r.dtype] for r in _union(col))
 
@@ -296,7 +308,7 @@ def _union(jobs) -> tuple:
     seen: dict = {}
     for j in jobs:
         for r in j.inputs:
-            seen.setdefault((r.path, r.offset), r)
+            seen.setdefault(_key(r), r)
     return tuple(seen.values())
 
 
@@ -356,8 +368,11 @@ def _run_group(slots: list[_Slot], budget: int, dev: torch.device, io: IoLimits,
                 for ref in item.refs:
                     nbytes = (item.end - item.start) * ITEMSIZE[ref.dtype]
                     view = buf[offset : offset + nbytes]
-                    reader.read(ref, item.start, item.end, memoryview(view))
-                    views[ref.path, ref.offset] = view
+                    if ref.derive is None:
+                        reader.read(ref, item.start, item.end, memoryview(view))
+                    else:
+                        read_derived(reader, ref, item.start, item.end, view)
+                    views[_key(ref)] = view
                     offset += -(-nbytes // _ALIGN) * _ALIGN
                     counted[0] += nbytes
                     if read_bucket is not None:
@@ -396,9 +411,7 @@ def _run_group(slots: list[_Slot], budget: int, dev: torch.device, io: IoLimits,
             item, rbuf, views = got
             for slot, job in item.jobs:
                 if slot.error is None:
-                    _merge_chunk(
-                        slot, job, item, [views[r.path, r.offset] for r in job.inputs], to_write, stop
-                    )
+                    _merge_chunk(slot, job, item, [views[_key(r)] for r in job.inputs], to_write, stop)
             free_reads.put(rbuf)
         if errors:
             raise errors[0]

@@ -7,77 +7,16 @@ when interrupted); anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 
 import click
 
-from .config import parse_size
-from .errors import StreamMergeError
+from .cli_params import SIZE, _friendly, _io, _polite
 
 # OpenMP spinning collapses under competing load (reference/kernels.md §3); set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-class ByteSize(click.ParamType):
-    name = "SIZE"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
-
-SIZE = ByteSize()
-
-
-class ByteRate(ByteSize):
-    """A byte size per second: ``200MB``, ``200MB/s``, ``1GiB/s``."""
-
-    name = "RATE"
-
-    def convert(self, value, param, ctx):
-        return super().convert(value.removesuffix("/s") if isinstance(value, str) else value, param, ctx)
-
-
-def _polite(fn):
-    """The options that keep a merge polite on a shared server (``polite.IoLimits``)."""
-    options = [
-        click.option("--io-nice", is_flag=True, help="Lower CPU and I/O priority (nice 10, ionice -c2 -n7)."),
-        click.option("--max-read-rate", type=ByteRate(), default=None, help="Cap input reads, e.g. 200MB/s."),
-        click.option(
-            "--max-write-rate", type=ByteRate(), default=None, help="Cap output writes, e.g. 100MB/s."
-        ),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
-def _io(io_nice: bool, max_read_rate: int | None, max_write_rate: int | None):
-    from .polite import IoLimits
-
-    return IoLimits(max_read_rate or 0, max_write_rate or 0, io_nice)
-
-
-def _friendly(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except StreamMergeError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted; nothing was written to the output", err=True)
-            sys.exit(130)
-
-    return wrapper
 
 
 class _OneLineUsage(click.Group):
@@ -377,7 +316,10 @@ def _demo_sample(models, merged) -> str:
 
 
 # batch, run-shard and finalize: many merges, many machines.
-from . import cli_many  # noqa: E402, F401  (registers its commands on main)
+from .cli_many import batch, finalize, run_shard  # noqa: E402  (imports no cli: no cycle under -m)
+
+for _command in (batch, finalize, run_shard):
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,6 @@
 """Commands for many merges and many machines: ``batch``, ``run-shard``, ``finalize``.
 
-Imported at the end of ``cli``, registering on its group; same rules: parse, one library
-call, render.
+``cli`` adds them to its group; same rules: parse, one library call, render.
 """
 
 from __future__ import annotations
@@ -10,10 +9,10 @@ import sys
 
 import click
 
-from .cli import SIZE, _friendly, _io, _polite, main
+from .cli_params import SIZE, _friendly, _io, _polite
 
 
-@main.command("run-shard")
+@click.command("run-shard")
 @click.argument("plan_file", metavar="PLAN", type=click.Path(dir_okay=False))
 @click.option("--shard", "index", type=click.IntRange(min=0), required=True, help="Shard index (0-based).")
 @click.option("--max-memory", type=SIZE, default=None, help="Budget for this task.  [default: the plan's]")
@@ -41,7 +40,7 @@ def run_shard(
     click.echo(f"shard {index} done: {marker['file']} ({marker['nbytes']} bytes, plan {marker['plan_hash']})")
 
 
-@main.command()
+@click.command()
 @click.argument("plan_file", metavar="PLAN", type=click.Path(dir_okay=False))
 @_friendly
 def finalize(plan_file) -> None:
@@ -60,7 +59,7 @@ def finalize(plan_file) -> None:
     )
 
 
-@main.command()
+@click.command()
 @click.argument("configs", metavar="CONFIG...", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--out-root", type=click.Path(file_okay=False), required=True, help="Outputs go to DIR/<name>.")
 @click.option("--sweep", "sweeps", multiple=True, help="KEY=V1,V2,...; several --sweep make a grid.")

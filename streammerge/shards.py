@@ -131,11 +131,15 @@ def prepare(
         raise OutputError(f"{out}: directory exists and is not empty; pass --force to replace it")
     if work.partial.exists():
         saved = _read_plan_doc(work.root / "plan.json") if (work.root / "plan.json").is_file() else None
-        if saved is None or saved.get("plan_hash") != plan.plan_hash:
+        if saved is not None and saved.get("plan_hash") == plan.plan_hash:
+            shutil.rmtree(work.root / "attempts", ignore_errors=True)  # a new run, a fresh attempt budget
+        elif force:
+            shutil.rmtree(work.partial)
+        else:
             raise OutputError(
-                f"{work.partial}: left by an earlier, unfinished merge of another plan; delete it to start over"
+                f"{work.partial}: left by an unfinished merge of another plan;"
+                " rerun with --force to discard it"
             )
-        shutil.rmtree(work.root / "attempts", ignore_errors=True)  # a new run, a fresh attempt budget
     parent = out.parent
     if not parent.is_dir():
         raise OutputError(f"{parent}: output's parent directory does not exist")
@@ -315,7 +319,7 @@ def finalize(plan: Plan, out: str | os.PathLike, *, copy_tokenizer: bool = True,
             if f.read(len(shard.header)) != shard.header:
                 raise ShardError(f"{work.partial / shard.file_name}: header differs from the plan's")
         digests.update(done[i]["tensors"])
-    OutputWriter.adopt(out, plan, copy_tokenizer=copy_tokenizer).commit(digests)
+    OutputWriter.adopt(out, plan, force=force, copy_tokenizer=copy_tokenizer).commit(digests)
     shutil.rmtree(out / WORK, ignore_errors=True)
 
 

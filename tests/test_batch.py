@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,26 @@ def test_fail_fast_stops_at_the_first_failure(tiny, tmp_path, cli):
     assert r.stdout.splitlines()[-1].startswith("batch: 1 merged, 1 failed; read ")
     assert (tmp_path / "b" / "lin-a" / "model-00001-of-00002.safetensors").is_file() is False
     assert (tmp_path / "b" / "lin-a" / "model.safetensors").is_file()
+
+
+def test_sweep_expands_into_named_members_and_sweep_json(tiny, tmp_path, cli):
+    cfg = configs(tiny, tmp_path)[0]
+    r = cli(
+        "batch", cfg, "--out-root", tmp_path / "s", "--max-memory", "64MiB",
+        "--sweep", "models[0].parameters.weight=0.2,0.4",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    names = ["lin-a-models0.weight=0.2", "lin-a-models0.weight=0.4"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [*names, "sweep.json"]
+    doc = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert doc == {
+        n: {"values": {"models[0].parameters.weight": w}, "merged": True} for n, w in zip(names, (0.2, 0.4))
+    }
+    # Each swept output is the merge of the config with that value written in.
+    one = write_config(tmp_path / "one.yml", linear_config(tiny).replace("0.5", "0.4", 1))
+    streammerge.merge(one, tmp_path / "one", max_memory=64 << 20)
+    assert tree(tmp_path / "one")["model.safetensors"] == tree(tmp_path / "s" / names[1])["model.safetensors"]
+    r = cli("batch", cfg, "--out-root", tmp_path / "t", "--sweep", "models[0].parameters.weight")
+    assert (r.exit_code, r.stderr) == (
+        2, "error: --sweep 'models[0].parameters.weight': expected KEY=VALUE[,VALUE...], e.g. models[1].parameters.weight=0.2,0.4\n"
+    )  # fmt: skip

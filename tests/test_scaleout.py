@@ -189,8 +189,8 @@ def test_plan_file_errors(reference, tmp_path, cli):
     other = write_config(tmp_path / "o.yml", linear_config(reference_models(cfg)).replace("0.5", "0.6"))
     r = cli("merge", other, tmp_path / "out", "--backend", "processes")
     assert r.stderr == (
-        f"error: {tmp_path / 'out.partial'}: left by an earlier, unfinished merge of another plan;"
-        " delete it to start over\n"
+        f"error: {tmp_path / 'out.partial'}: left by an unfinished merge of another plan;"
+        " rerun with --force to discard it\n"
     )
 
 
