@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint format bench parity clean
+.PHONY: demo test check lint format bench parity ray clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,6 +13,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# The optional Ray backend (streammerge[ray]) in the same venv; CI runs its tests on a local
+# 2-CPU instance. Without it, tests/test_ray.py is skipped and says why.
+RAY_STAMP := $(VENV)/.ray-installed
+
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,ray]'
+	touch $(RAY_STAMP)
+
+ray: $(RAY_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/streammerge demo demo-out

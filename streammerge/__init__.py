@@ -19,7 +19,12 @@ The package reads like the pipeline (DESIGN.md §1)::
     execute     run a plan chunk by chunk within --max-memory (reader/compute/writer)
     write       OUT.partial/, pwrite at planned offsets, manifest, atomic rename; verify
     journal     resume: finished-tensor journal, OUT.partial lock, input fingerprints
-    cli         click commands: parse -> one library call -> render
+    shards      one output shard as a task: temp file, done-marker, plan files, finalize
+    backends    where shard tasks run (inline, processes, ray) and the driver that retries
+    batch       K merges over shared inputs in one read pass (sweeps expand into members)
+    polite      --max-read-rate/--max-write-rate token buckets, --io-nice
+    cli         click commands: parse -> one library call -> render (cli_many: batch,
+                run-shard, finalize)
     demo        small deterministic Llama-shaped checkpoints and configs
       arch        demo specs for Mistral, Qwen2, Gemma, Phi-3, Mixtral (config.json as shipped)
       demo_formats  .bin copies, F8 copies, LoRA adapters, hub cache layouts (for tests)

@@ -7,48 +7,16 @@ when interrupted); anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 
 import click
 
-from .config import parse_size
-from .errors import StreamMergeError
+from .cli_params import SIZE, _friendly, _io, _polite
 
 # OpenMP spinning collapses under competing load (reference/kernels.md §3); set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
-class ByteSize(click.ParamType):
-    name = "SIZE"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(value)
-        except ValueError as e:
-            self.fail(str(e), param, ctx)
-
-
-SIZE = ByteSize()
-
-
-def _friendly(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except StreamMergeError as e:
-            click.echo("\n".join(f"error: {line}" for line in str(e).splitlines()), err=True)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted; nothing was written to the output", err=True)
-            sys.exit(130)
-
-    return wrapper
 
 
 class _OneLineUsage(click.Group):
@@ -123,22 +91,21 @@ def main() -> None:
     help="Accepted for mergekit compatibility; .bin inputs are always read lazily.",
 )
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option(
+    "--backend",
+    type=click.Choice(["inline", "processes", "ray"]),
+    default="inline",
+    help="Where output shards are merged: this process, a local process pool, or Ray.",
+)
+@click.option("--address", default=None, help="Ray cluster to join (auto, ray://head:10001).")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Processes (or local Ray CPUs).")
+@_polite
 @_friendly
 def merge(
-    config,
-    out,
-    max_memory,
-    device,
-    threads,
-    shard_size,
-    seed,
-    force,
-    resume,
-    copy_tokenizer,
-    allow_crimes,
-    lazy_unpickle,
-    no_progress,
-) -> None:
+    config, out, max_memory, device, threads, shard_size, seed, force, resume, copy_tokenizer,
+    allow_crimes, lazy_unpickle, no_progress, backend, address, workers, io_nice, max_read_rate,
+    max_write_rate,
+) -> None:  # fmt: skip
     """Merge the models in CONFIG (mergekit YAML) into the directory OUT.
 
     Example: streammerge merge configs/linear.yml merged --max-memory 2GiB
@@ -159,24 +126,55 @@ def merge(
         resume=resume,
         copy_tokenizer=copy_tokenizer,
         progress=not no_progress and sys.stderr.isatty(),
+        io=_io(io_nice, max_read_rate, max_write_rate),
+        backend=backend,
+        address=address,
+        workers=workers or 0,
     )
     click.echo(summary.line())
 
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--max-memory", type=SIZE, default=None, help="Budget to plan for.")
+@click.argument("out", type=click.Path(file_okay=False), required=False)
+@click.option("--max-memory", type=SIZE, default=None, help="Budget to plan for (per shard task).")
 @click.option("--shard-size", "--out-shard-size", "shard_size", type=SIZE, default="5GB")
+@click.option("--seed", type=int, default=0, help="Seed for methods that sample.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option(
+    "--save-plan",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write a plan file for run-shard/finalize (needs OUT).",
+)
+@click.option("--force", is_flag=True, help="With --save-plan: finalize may replace a non-empty OUT.")
 @_friendly
-def plan(config, max_memory, shard_size, as_json) -> None:
+def plan(config, out, max_memory, shard_size, seed, as_json, save_plan, force) -> None:
     """Check CONFIG against the models' headers and show what a merge would do.
 
-    Reads no tensor data. Example: streammerge plan configs/linear.yml --max-memory 1GiB
+    Reads no tensor data. With OUT and --save-plan, prepare OUT.partial/ for
+    `streammerge run-shard FILE --shard I` (one per shard) and `streammerge finalize FILE`.
+
+    Example: streammerge plan configs/linear.yml --max-memory 1GiB
     """
     from .plan import make_plan
 
-    p = make_plan(config, max_memory=max_memory or 0, shard_nbytes=shard_size)
+    if save_plan:
+        from .shards import save_plan as save
+
+        if out is None:
+            raise click.UsageError("--save-plan needs OUT, the merge's output directory")
+        p = save(
+            config,
+            out,
+            save_plan,
+            max_memory=max_memory or 0,
+            shard_nbytes=shard_size,
+            seed=seed,
+            force=force,
+        )
+    else:
+        p = make_plan(config, max_memory=max_memory or 0, shard_nbytes=shard_size, seed=seed)
     d = p.to_dict()
     if as_json:
         click.echo(json.dumps(d, indent=2))
@@ -193,6 +191,9 @@ def plan(config, max_memory, shard_size, as_json) -> None:
     )
     for s in d["shards"]:
         click.echo(f"  {s['file']}  {s['nbytes'] / gib:.2f} GiB  {s['tensors']} tensors")
+    if save_plan:
+        n = len(d["shards"])
+        click.echo(f"saved plan    {save_plan}: run-shard --shard 0..{n - 1}, then finalize")
 
 
 @main.command()
@@ -359,6 +360,12 @@ def _demo_sample(models, merged) -> str:
     )
     return f"sample        {name}[:4]\n  " + "\n  ".join(rows)
 
+
+# batch, run-shard and finalize: many merges, many machines.
+from .cli_many import batch, finalize, run_shard  # noqa: E402  (imports no cli: no cycle under -m)
+
+for _command in (batch, finalize, run_shard):
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main()

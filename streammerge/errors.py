@@ -129,3 +129,15 @@ class _Recorded(Exception):
 
 class EvalError(StreamMergeError):
     """A ``streammerge tune`` evaluation command failed or printed no score."""
+
+
+class ShardError(StreamMergeError):
+    """A shard task failed past its attempt cap, or ``finalize`` found shards not done.
+
+    Messages name the shard by index and file, e.g. ``shard 3
+    (model-00004-of-00007.safetensors): 3 attempts failed; last: a worker process died``.
+    """
+
+
+class BackendError(StreamMergeError):
+    """A backend cannot run: Ray is not installed, or its cluster cannot be reached."""

@@ -33,6 +33,7 @@ from .errors import Interrupted, StreamMergeError, WriteError
 from .header import ITEMSIZE
 from .methods import SPECS, BlockContext, Scope, get_kernel
 from .plan import BLOCK_ELEMS, COPY, DEFAULT_SHARD_NBYTES, Job, Plan, make_plan
+from .polite import UNLIMITED, IoLimits, be_nice
 from .write import OutputWriter
 
 log = logging.getLogger(__name__)
@@ -93,12 +94,30 @@ def merge(
     resume: bool = False,
     copy_tokenizer: bool = True,
     progress: bool = False,
+    io: IoLimits = UNLIMITED,
+    backend: str = "inline",
+    address: str | None = None,
+    workers: int = 0,
 ) -> MergeSummary:
     """Plan and run a merge into ``out``; returns a summary. Raises StreamMergeError
     subclasses for bad input (nothing that looks like a model is left at ``out``).
 
     A merge stopped part-way (``Interrupted``, ``WriteError``, a crash) keeps its finished
-    tensors in ``OUT.partial/``; ``resume=True`` continues it to the same bytes."""
+    tensors in ``OUT.partial/``; ``resume=True`` continues it to the same bytes.
+
+    ``backend`` ``processes`` or ``ray`` runs one task per output shard (see
+    ``streammerge.backends``; rerunning resumes from the shards' done-markers); ``inline``
+    runs the whole plan in this process."""
+    if backend != "inline":
+        from .backends import merge_sharded
+
+        return merge_sharded(
+            config, out, backend=backend, address=address, workers=workers, max_memory=max_memory,
+            shard_nbytes=shard_nbytes, threads=threads, device=device, seed=seed, force=force,
+            copy_tokenizer=copy_tokenizer, io=io,
+        )  # fmt: skip
+    if io.nice:
+        be_nice()
     started = time.perf_counter()
     start_rss = psutil.Process().memory_info().rss
     plan = (
@@ -111,7 +130,7 @@ def merge(
         torch.set_num_threads(threads)
     writer = OutputWriter(Path(out), plan, force=force, resume=resume, copy_tokenizer=copy_tokenizer)
     if not writer.complete:
-        _run_and_commit(plan, writer, dev, progress)
+        _run_and_commit(plan, writer, dev, progress, io)
     return MergeSummary(
         out=str(out),
         nbytes=plan.estimate.write_nbytes,
@@ -127,13 +146,15 @@ def merge(
     )
 
 
-def _run_and_commit(plan: Plan, writer: OutputWriter, dev: torch.device, progress: bool) -> None:
+def _run_and_commit(
+    plan: Plan, writer: OutputWriter, dev: torch.device, progress: bool, io: IoLimits = UNLIMITED
+) -> None:
     """Run and commit; on any failure keep what is durable for ``--resume``. SIGTERM is
     handled like Ctrl-C: the tensor in flight is abandoned, the journal flushed."""
     resume_hint = f"rerun the same command with --resume to continue from {writer.partial}"
     with _sigterm_interrupts():
         try:
-            writer.commit(_run(plan, writer, dev, progress))
+            writer.commit(_run(plan, writer, dev, progress, io))
         except KeyboardInterrupt:
             saved = writer.suspend()
             raise Interrupted(
@@ -220,8 +241,12 @@ class _Failure:
         self.exc = exc
 
 
-def _run(plan: Plan, writer: OutputWriter, dev: torch.device, progress: bool) -> dict[str, str]:
+def _run(
+    plan: Plan, writer: OutputWriter, dev: torch.device, progress: bool, io: IoLimits = UNLIMITED
+) -> dict[str, str]:
+    """Run ``plan``'s jobs through ``writer`` (anything with ``write_chunk`` and ``digests``)."""
     est = plan.estimate
+    read_bucket, write_bucket = io.buckets()
     n_inputs = max((len(j.inputs) for j in plan.jobs), default=1)
     read_sets = [np.empty(est.read_set_nbytes + _ALIGN * n_inputs, np.uint8) for _ in range(2)]
     write_bufs = [np.empty(est.write_buffer_nbytes, np.uint8) for _ in range(2)]
@@ -251,6 +276,8 @@ def _run(plan: Plan, writer: OutputWriter, dev: torch.device, progress: bool) ->
                         reader.read(ref, start, end, memoryview(view))
                     else:
                         read_derived(reader, ref, start, end, view)
+                    if read_bucket is not None:
+                        read_bucket.take(len(view))
                 _put(ready, (job, phase, start, end, buf, views), stop)
             _put(ready, None, stop)
         except BaseException as e:  # handed to the main thread, which re-raises
@@ -263,6 +290,8 @@ def _run(plan: Plan, writer: OutputWriter, dev: torch.device, progress: bool) ->
             while (item := _get(to_write, stop)) is not None:
                 job, start, end, buf, nbytes = item
                 writer.write_chunk(job, start, end, memoryview(buf)[:nbytes])
+                if write_bucket is not None:
+                    write_bucket.take(nbytes)
                 free_writes.put(buf)
                 if bar is not None:
                     bar.update(nbytes)

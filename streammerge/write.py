@@ -75,6 +75,20 @@ class OutputWriter:
             raise
         self.digests.update(self.done)
 
+    @classmethod
+    def adopt(cls, out: Path, plan, *, force: bool = False, copy_tokenizer: bool = True) -> OutputWriter:
+        """A writer for an ``OUT.partial/`` whose shards shard tasks wrote and marked
+        (``streammerge finalize``): holds the lock; ``commit`` adds the rest and renames."""
+        self = cls.__new__(cls)
+        self.out, self.plan, self.force, self.copy_tokenizer = out, plan, force, copy_tokenizer
+        self.partial = partial_dir(out)
+        self.digests, self.done, self.complete, self.journal = {}, {}, False, None
+        self._hashers, self._fds, self._writeback = {}, [], _Writeback()
+        self.prints = input_prints(plan)
+        self.state = state(plan, self.prints, plan.shard_nbytes)
+        self.lock = Lock(self.partial)
+        return self
+
     def _preflight(self, resume: bool) -> None:
         out = self.out
         if out.exists() and not out.is_dir():
@@ -221,8 +235,9 @@ class OutputWriter:
             self._copy_tokenizer()
         _write_text(self.partial / "README.md", self._model_card())
         _write_text(self.partial / MANIFEST, json.dumps(self._manifest(digests), indent=2) + "\n")
-        self.journal.close()
-        (self.partial / JOURNAL).unlink()
+        if self.journal is not None:  # None when shard tasks wrote the shards (adopt)
+            self.journal.close()
+            (self.partial / JOURNAL).unlink()
         _fsync_dir(self.partial)
         old = None
         if self.out.exists():
