@@ -62,8 +62,10 @@ def _row(ctx) -> int:
 
 
 def _importance(xs, base_index, ctx):
+    """On the CPU whatever the device: GPU softmax and log round differently, which moves
+    elements across the threshold."""
     other = 1 - base_index
-    return importance(xs[base_index], xs[other], _row(ctx))
+    return importance(xs[base_index].cpu(), xs[other].cpu(), _row(ctx))
 
 
 def arcee_fold(i, acc, xs, *, ctx, stats, base_index):
@@ -92,5 +94,5 @@ def arcee_fusion(xs, *, ctx, stats, base_index):
     base, x = xs[base_index], xs[1 - base_index]
     q1, median, q3 = (key_value(b.key, base.dtype) for b in stats[-1])
     threshold = median + 1.5 * (q3 - q1)
-    mask = (_importance(xs, base_index, ctx) >= threshold).float().reshape(base.shape)
+    mask = (_importance(xs, base_index, ctx) >= threshold).float().reshape(base.shape).to(base.device)
     return (base + (x - base) * mask).to(base.dtype)

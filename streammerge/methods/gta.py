@@ -185,7 +185,8 @@ def _sparsify(delta, m, ctx, stats, state, density, gamma, epsilon, factor, by_d
         keep_p = probs.reshape(-1)  # DELLA (Deep et al. 2024, §3.1): each kept delta / its p_i
     masked = apply_mask(d, mask)  # = d * mask in the work dtype, bit for bit
     if by_density:  # a dropped element is a zero; p = 0 only where nothing is kept
-        masked = masked / torch.as_tensor(keep_p, dtype=work).clamp(min=torch.finfo(work).tiny)
+        keep_p = torch.as_tensor(keep_p, dtype=work, device=masked.device)
+        masked = masked / keep_p.clamp(min=torch.finfo(work).tiny)
     elif factor is not None:
         masked = masked * factor
     return masked.to(delta.dtype)

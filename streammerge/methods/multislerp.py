@@ -31,8 +31,8 @@ def _inputs(xs, base_index):
     return base, others
 
 
-def _weights(weight, base_index, dtype, normalize_weights):
-    w = torch.tensor([v for i, v in enumerate(weight) if i != base_index], dtype=dtype)
+def _weights(weight, base_index, dtype, normalize_weights, device):
+    w = torch.tensor([v for i, v in enumerate(weight) if i != base_index], dtype=dtype, device=device)
     return w / w.sum() if normalize_weights else w
 
 
@@ -64,7 +64,9 @@ def multislerp_fold(i, acc, xs, *, stats, base_index, weight, normalize_weights=
 def multislerp_finish(i, acc, *, ctx, stats, base_index, weight, normalize_weights=True, eps=1e-8):
     dtype = ctx.work_dtype
     if i == 0:
-        return acc.sqrt().to(dtype).view(-1, 1), _weights(weight, base_index, dtype, normalize_weights)
+        return acc.sqrt().to(dtype).view(-1, 1), _weights(
+            weight, base_index, dtype, normalize_weights, acc.device
+        )
     mean_norm = acc.sqrt().to(dtype)[0]
     if mean_norm < eps and len(stats[0][1]) > 2:
         raise MethodError(

@@ -53,9 +53,9 @@ def _vector_count(ctx) -> int:
     return int(np.prod(ctx.shape)) // ctx.shape[0] if len(ctx.shape) >= 2 else 1
 
 
-def _columns(ctx, n: int) -> torch.Tensor:
+def _columns(ctx, n: int, device) -> torch.Tensor:
     """Row-wise mode: the vector of each element of the block at ``ctx.offset``."""
-    return torch.arange(ctx.offset, ctx.offset + n) % _vector_count(ctx)
+    return torch.arange(ctx.offset, ctx.offset + n, device=device) % _vector_count(ctx)
 
 
 def _sum(values: torch.Tensor, columns: torch.Tensor | None, size: int, acc):
@@ -64,7 +64,7 @@ def _sum(values: torch.Tensor, columns: torch.Tensor | None, size: int, acc):
     if columns is None:
         total = values.sum().reshape(1)
     else:
-        total = torch.zeros(size, dtype=torch.float64).index_add_(0, columns, values)
+        total = torch.zeros(size, dtype=torch.float64, device=values.device).index_add_(0, columns, values)
     return total if acc is None else acc.add_(total)
 
 
@@ -77,7 +77,9 @@ def nuslerp_fold(i, acc, xs, *, ctx, stats, base_index, weight, nuslerp_flatten=
     dot product of the normalised vectors, products rounded to D as mergekit multiplies.
     Flattened: one sum each; row-wise: one per column (vector along dim 0)."""
     _, v0, v1, _ = _vectors(xs, base_index)
-    columns, size = (None, 1) if nuslerp_flatten else (_columns(ctx, v0.numel()), _vector_count(ctx))
+    columns, size = (
+        (None, 1) if nuslerp_flatten else (_columns(ctx, v0.numel(), v0.device), _vector_count(ctx))
+    )
     a, b = acc or (None, None)
     if i == 0:
         return _sum(v0.float().square(), columns, size, a), _sum(v1.float().square(), columns, size, b)
@@ -99,7 +101,7 @@ def nuslerp(xs, *, ctx, stats, base_index, weight, nuslerp_flatten=True, nuslerp
     if nuslerp_flatten:
         result = _interpolate(t, v0, v1, *stats[1])
     elif nuslerp_row_wise:  # vectors along dim 0: each element takes its column's angle
-        columns = _columns(ctx, v0.numel())
+        columns = _columns(ctx, v0.numel(), v0.device)
         result = _interpolate(t, v0, v1, *(_per_element(s, columns) for s in stats[1]))
     else:  # each row (last dimension) is a vector: mergekit's computation on whole rows
         row = ctx.shape[-1] if len(ctx.shape) >= 2 else v0.numel()

@@ -110,7 +110,7 @@ def sce(xs, *, ctx, stats, state, base_index, select_topk=1.0, int8_mask=False):
     # mergekit's sign_consensus_mask(method="sum"), unweighted
     majority = (tvs.sum(dim=0) >= 0).to(tvs.dtype) * 2 - 1
     erase = tvs.sign() == majority
-    weights = stats[-1].reshape((len(tvs),) + (1,) * base.dim())
+    weights = stats[-1].to(base.device).reshape((len(tvs),) + (1,) * base.dim())
     erased = weights * erase
     merged = (tvs * erased).sum(dim=0)
     return base + merged / torch.sum(erased, dim=0).clamp(min=1e-6)

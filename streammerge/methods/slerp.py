@@ -38,7 +38,7 @@ def slerp_fold(i, acc, xs, *, stats, base_index, t):
         parts[0].append(torch.linalg.vector_norm(a, dim=1, keepdim=True).item())
         parts[1].append(torch.linalg.vector_norm(b, dim=1, keepdim=True).item())
     else:
-        norm_a, norm_b = stats[0]
+        norm_a, norm_b = (n.to(a.device) for n in stats[0])
         parts[0].append(((a / norm_a) * (b / norm_b)).sum(dim=1, keepdim=True).item())
     return parts
 
@@ -72,5 +72,5 @@ def slerp(xs, *, stats, base_index, t):
     if not stats:  # an empty tensor: nothing to normalise
         tt = torch.tensor(t, dtype=a.dtype)
         return ((1 - tt) * a + tt * b).reshape(xs[0].shape).to(xs[0].dtype)
-    coef_a, coef_b = stats[1]
+    coef_a, coef_b = (c.to(a.device) for c in stats[1])
     return (coef_a * a + coef_b * b).reshape(xs[0].shape).to(xs[0].dtype)
