@@ -17,7 +17,8 @@ The package reads like the pipeline (DESIGN.md §1)::
       problems  input problems (architecture, layers, tensors, filters) grouped, all at once
     methods/    torch-free specs + pure torch kernels, one module per family
     execute     run a plan chunk by chunk within --max-memory (reader/compute/writer)
-    write       OUT.partial/, pwrite at planned offsets, manifest, atomic rename; verify
+    write       OUT.partial/, pwrite at planned offsets, manifest, atomic rename
+    integrity   verify: re-hash a finished merge against its manifest (and a config)
     journal     resume: finished-tensor journal, OUT.partial lock, input fingerprints
     shards      one output shard as a task: temp file, done-marker, plan files, finalize
     backends    where shard tasks run (inline, processes, ray) and the driver that retries
@@ -29,6 +30,7 @@ The package reads like the pipeline (DESIGN.md §1)::
       arch        demo specs for Mistral, Qwen2, Gemma, Phi-3, Mixtral (config.json as shipped)
       demo_formats  .bin copies, F8 copies, LoRA adapters, hub cache layouts (for tests)
     sweep       'models[1].parameters.weight=0.2,0.4' -> a grid of named config variants
+    tune        merge every sweep point, score it with the user's command, keep the best
     errors      the one-line error family
 
 Front door: ``merge(config, out, **options)``, ``plan(config)``, ``verify(out)``.
@@ -55,7 +57,7 @@ def merge(config, out, **options):
 
 
 def verify(out, against=None):
-    """Re-hash a finished merge against its manifest (see ``streammerge.write.verify``)."""
-    from .write import verify as _verify
+    """Re-hash a finished merge against its manifest (see ``streammerge.integrity.verify``)."""
+    from .integrity import verify as _verify
 
     return _verify(out, against)

@@ -255,7 +255,7 @@ def verify(out, against) -> None:
 
     Example: streammerge verify merged --against configs/linear.yml
     """
-    from .write import verify as run_verify
+    from .integrity import verify as run_verify
 
     n = run_verify(out, against)
     click.echo(f"ok: {n} tensors in {out} match the manifest{f' and {against}' if against else ''}")
@@ -321,7 +321,7 @@ def demo(out, max_memory) -> None:
 
     from .demo import DEMO_CONFIG, make_demo_models
     from .execute import merge as run_merge
-    from .write import verify as run_verify
+    from .integrity import verify as run_verify
 
     root = Path(out)
     models = make_demo_models(root)
