@@ -34,6 +34,7 @@ MIN_BLOCK_ELEMS = 1 << 16
 # glibc keeps freed kernel temporaries as heap holes: measured, the heap plateaus at about
 # 16 fp32 words per block element above the live temporaries (60 MiB at 1M-element blocks).
 HEAP_SLACK_WORDS = 16
+STAT_SLACK_WORDS = 6  # statistics folds: few, block-sized temporaries
 MIN_MAX_MEMORY = 8 << 20
 
 
@@ -361,7 +362,18 @@ def _estimate(jobs: tuple[Job, ...], budget: int) -> Estimate:
     block = BLOCK_ELEMS
     while block > MIN_BLOCK_ELEMS and block * 4 * (words + HEAP_SLACK_WORDS) > budget // 4:
         block //= 2
-    scratch = block * 4 * (words + HEAP_SLACK_WORDS) if words else 0
+    # Statistics passes run on their own fixed blocks (slerp: 1M elements, rows: whole
+    # rows), which can be larger than the combine block: scratch covers the largest.
+    # Statistics folds make few, block-sized temporaries: little heap slack.
+    scratch = max(
+        (
+            max(blk * (scratch_words(j) + HEAP_SLACK_WORDS), stat * (scratch_words(j) + STAT_SLACK_WORDS)) * 4
+            for j in jobs
+            if scratch_words(j)
+            for stat, blk in [_blocks(j, block)]
+        ),
+        default=0,
+    )
     derive = max((scratch_nbytes(t) for j in jobs for t in j.inputs), default=0)
     per_elem = max((2 * in_item(j) + 2 * ITEMSIZE[j.out_dtype] for j in jobs), default=1)
     chunk = (budget - scratch - derive) // per_elem // block * block
@@ -379,6 +391,20 @@ def _estimate(jobs: tuple[Job, ...], budget: int) -> Estimate:
     return estimate, jobs
 
 
+def _blocks(j: Job, block: int) -> tuple[int, int]:
+    """(statistics block, combine block) in elements: statistics passes need fixed blocks
+    aligned to the tensor start (powers of two), or whole rows for row-wise methods."""
+    spec = SPECS.get(j.method)
+    passes = spec.passes(j.work_dtype, j.shared_params) if spec and j.numel else 0
+    if spec is not None and spec.rows(j.shared_params):
+        row = j.shape[-1] if len(j.shape) >= 2 else max(j.numel, 1)
+        stat = max(1, spec.stat_block // row) * row
+        return stat, stat
+    if passes:
+        return spec.stat_block, block
+    return block, block
+
+
 def _streaming(j: Job, chunk: int, block: int, budget: int) -> Job:
     """Fix a job's passes and its chunk/block sizes: statistics passes need fixed blocks
     aligned to the tensor start (or whole rows), so every chunk holds whole blocks."""
@@ -386,13 +412,7 @@ def _streaming(j: Job, chunk: int, block: int, budget: int) -> Job:
 
     spec = SPECS.get(j.method)
     passes = spec.passes(j.work_dtype, j.shared_params) if spec and j.numel else 0
-    if spec is not None and spec.rows(j.shared_params):
-        row = j.shape[-1] if len(j.shape) >= 2 else max(j.numel, 1)
-        stat = blk = max(1, spec.stat_block // row) * row
-    elif passes:  # combine blocks need no alignment; statistics blocks do (powers of two)
-        stat, blk = spec.stat_block, block
-    else:
-        stat = blk = block
+    stat, blk = _blocks(j, block)
     unit = max(stat, blk)
     if j.numel > chunk and chunk < unit:
         raise BudgetError(

@@ -87,13 +87,18 @@ def keep_window(x: torch.Tensor, lo: Boundary, hi: Boundary, rank_lo: int, rank_
     keys = magnitude_keys_np(x)
     mask = (keys > lo.key) & (keys < hi.key)
     for b in {lo.key: lo, hi.key: hi}.values():
-        where = np.flatnonzero(keys == b.key)
-        if not len(where):
+        tied = keys == b.key
+        count = int(np.count_nonzero(tied))
+        if not count:
             continue
-        p = np.arange(len(where)) + seen.get(b.key, 0)  # tie position in flat order
-        rank = b.below + b.equal - 1 - p if earliest_high else b.below + p
-        mask[where[(rank >= rank_lo) & (rank < rank_hi)]] = True
-        seen[b.key] = seen.get(b.key, 0) + len(where)
+        # tie position in flat order (valid where tied); block-sized arrays only, so the
+        # allocator reuses them block after block instead of fragmenting on odd sizes
+        p = np.cumsum(tied, dtype=np.int64)
+        p += seen.get(b.key, 0) - 1
+        rank = (b.below + b.equal - 1) - p if earliest_high else p + b.below
+        tied &= (rank >= rank_lo) & (rank < rank_hi)
+        mask |= tied
+        seen[b.key] = seen.get(b.key, 0) + count
     return mask
 
 
