@@ -21,6 +21,7 @@ sys.path.insert(0, str(TOOLS))
 import bench_measure  # noqa: E402
 import bench_report  # noqa: E402
 import bench_suite  # noqa: E402
+import gpu_check  # noqa: E402
 from make_checkpoints import spec_for_size  # noqa: E402
 
 README = "# x\n\n## Benchmarks\n\n<!-- bench:start -->\nold numbers\n<!-- bench:end -->\n\n## After\n"
@@ -134,3 +135,24 @@ def test_cache_states_are_measured(tmp_path):
     buf = bench_measure.make_buffer()
     assert bench_measure.prepare_cache([f], cold=False, buf=buf) == 1.0
     assert 0.0 <= bench_measure.prepare_cache([f], cold=True, buf=buf) <= 1.0  # tmpfs keeps its pages
+
+
+def test_gpu_check_counts_ulps_of_the_output_dtype(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    # bf16 has 7 mantissa bits: the ulp of 1.0 is 2^-7 = 0.0078125, of 2.0 it is 2^-6
+    a = torch.tensor([1.0, 2.0, 0.0, -3.0], dtype=torch.bfloat16)
+    b = torch.tensor([1.0078125, 2.0, 0.0, -3.0 - 3 * 2**-6], dtype=torch.bfloat16)
+    for d, t in (("a", a), ("b", b)):
+        (tmp_path / d).mkdir()
+        save_file({"w": t}, str(tmp_path / d / "model.safetensors"), metadata={"format": "pt"})
+    res = gpu_check.compare(tmp_path / "a", tmp_path / "b", tol_ulps=1)
+    assert res == {"elements": 4, "differ": 2, "beyond_tol": 1, "worst_ulps": 3.0, "worst_tensor": "w"}
+    assert gpu_check.compare(tmp_path / "a", tmp_path / "a", tol_ulps=1)["differ"] == 0
+
+
+def test_the_readme_has_the_block_the_suite_rewrites():
+    readme = (TOOLS.parent / "README.md").read_text()
+    assert readme.count(bench_report.README_START) == readme.count(bench_report.README_END) == 1
+    assert "replaced" in bench_report.replace_readme_block(readme, "replaced")

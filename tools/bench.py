@@ -103,8 +103,8 @@ def report(res: dict) -> str:
 
 def suite(args: argparse.Namespace) -> dict:
     """Every method, size and cache state; writes the Markdown, the chart and the README block."""
-    res = bench_suite.run_suite(args)
-    if args.json:
+    res = json.loads(args.from_json.read_text()) if args.from_json else bench_suite.run_suite(args)
+    if args.json and not args.from_json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=2) + "\n")
     args.md.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +168,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--md", type=Path, default=Path("docs/benchmarks.md"))
     s.add_argument("--png", type=Path, default=Path("docs/benchmarks.png"))
     s.add_argument("--readme", type=Path, help="rewrite this README's <!-- bench:start/end --> block")
+    s.add_argument("--from-json", type=Path, help="measure nothing: write --md/--png/--readme from a --json")
     args = ap.parse_args(argv)
     args.argv = argv
     if args.suite:
@@ -178,7 +179,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         bad += sorted(set(args.caches + args.mergekit_caches) - {"warm", "cold"})
         if bad:
             ap.error(f"unknown method or cache: {', '.join(bad)} (methods: {', '.join(known)})")
-        if not args.sizes and not args.reuse:
+        if not args.sizes and not args.reuse and not args.from_json:
             ap.error("--suite needs --sizes and/or --reuse")
     return args
 
