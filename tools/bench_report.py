@@ -139,7 +139,7 @@ def header(res: dict) -> list[str]:
         f"    {res['command']}",
         "",
         f"- machine: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), {m['ram_gib']} GiB RAM, "
-        f"Linux {m['kernel']}{gpu}; load average {m['load_avg_start'][0]} at the start, {m['load_avg_end'][0]} at the end",
+        f"Linux {m['kernel']}, {m.get('filesystem', '?')}{gpu}; load average {m['load_avg_start'][0]} at the start, {m['load_avg_end'][0]} at the end",
         f"- versions: streammerge {v['streammerge']} ({v['streammerge_commit']}), Python {v['python']}, "
         f"torch {v['torch']}, numpy {v['numpy']}, safetensors {v['safetensors']}{mk}",
         f"- options: `--max-memory {o['max_memory']}`, threads {o['threads'] or 'all'}, device {o['device']}, "

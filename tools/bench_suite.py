@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -181,20 +182,33 @@ def progress_line(row: dict) -> str:
     return head + "".join(part(n) for n in ("floor", "streammerge", "mergekit"))
 
 
-def machine(device: str) -> dict:
+def filesystem(path: Path) -> str:
+    """The type and device of the mount that holds PATH (/proc/mounts), e.g. "ext4 /dev/vda"."""
+    best, path = ("", "?", "?"), str(path.resolve())
+    for line in open("/proc/mounts"):
+        dev, mnt, fs = line.split()[:3]
+        if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
+            best = (mnt, fs, dev)
+    return f"{best[1]} {best[2]}"
+
+
+def machine(device: str, out_root: Path) -> dict:
     cpu = next(
         (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?"
     )
     mem = next(int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemTotal"))
     info = {
         "cpu": cpu, "cores": os.cpu_count(), "cores_usable": len(os.sched_getaffinity(0)),
-        "ram_gib": round(mem / (1 << 20), 1), "kernel": os.uname().release,
+        "ram_gib": round(mem / (1 << 20), 1), "kernel": os.uname().release, "filesystem": filesystem(out_root),
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],
     }  # fmt: skip
     if device == "cuda":
-        q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                           capture_output=True, text=True)  # fmt: skip
-        info["gpu"] = q.stdout.strip() or "?"
+        try:
+            q = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                               capture_output=True, text=True)  # fmt: skip
+            info["gpu"] = q.stdout.strip() or "?"
+        except OSError:
+            info["gpu"] = "? (no nvidia-smi)"
     return info
 
 
@@ -203,8 +217,12 @@ def versions(mergekit_python: str | None) -> dict:
     for pkg in ("streammerge", "torch", "numpy", "safetensors"):
         try:
             v[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            v[pkg] = "not installed"
+        except importlib.metadata.PackageNotFoundError:  # streammerge run from the tree (PYTHONPATH)
+            v[pkg] = (
+                re.search(r'__version__ = "(.*)"', (ROOT / "streammerge/__init__.py").read_text())[1]
+                if pkg == "streammerge"
+                else "?"
+            )
     git = subprocess.run(
         ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True
     )
@@ -223,7 +241,7 @@ def run_suite(opts, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> 
     opts.data_root.mkdir(parents=True, exist_ok=True)
     res = {
         "command": shlex.join(["python", "tools/bench.py", *opts.argv]),
-        "date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(opts.device),
+        "date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(opts.device, opts.out_root),
         "versions": versions(opts.mergekit_python),
         "options": {
             "max_memory": opts.max_memory, "threads": opts.threads, "device": opts.device, "repeat": opts.repeat,

@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tools"), str(ROOT)]
 
+import bench_report  # noqa: E402
 import bench_suite  # noqa: E402
 
 # mergekit 0.1.5 and what the CUDA image (KINDS.md: pip list) lacks; versions as in /work/mkvenv.
@@ -216,8 +217,43 @@ def write_report(res: dict, out: Path) -> None:
         )  # fmt: skip
     if res.get("bench"):
         lines += ["", f"Bench: {res['bench']}"]
+    if "over_2x_floor" in res:  # issue 6, acceptance 5
+        lines.append(
+            f"Slower than 2x the disk floor (or failed): {', '.join(res['over_2x_floor']) or 'none'}"
+        )
+        lines.append(
+            f"Under 4x mergekit --cuda (or not measured): {', '.join(res['under_4x_mergekit']) or 'none'}"
+        )
     (out / "gpu-check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def bench(args: argparse.Namespace, methods: list[str]) -> dict:
+    """tools/bench.py --suite on DEVICE at --bench-size (warm), and acceptance 5's two ratios."""
+    mk = args.mergekit_python or (install_mergekit(args.wheels, args.work) if args.wheels else None)
+    mk_methods = [m for m in args.mergekit_methods.split(",") if m in methods] if mk else []
+    work, out = args.work, args.out
+    cmd = [
+        sys.executable, str(ROOT / "tools" / "bench.py"), "--suite", "--sizes", str(args.bench_size),
+        "--device", args.device, "--cache", "warm", "--methods", ",".join(methods), "--timeout", "300",
+        "--max-memory", args.max_memory, "--data-root", str(work / "data"), "--out-root", str(work / "out"),
+        "--md", str(out / "gpu-benchmarks.md"), "--png", str(out / "gpu-benchmarks.png"),
+        "--json", str(out / "gpu-benchmarks.json"),
+    ]  # fmt: skip
+    if mk_methods:
+        cmd += ["--mergekit-python", mk, "--mergekit-methods", ",".join(mk_methods)]
+    print("bench:", " ".join(cmd), flush=True)
+    rc = subprocess.run(cmd).returncode
+    res = {
+        "bench_rc": rc,
+        "bench": f"exit {rc}; see gpu-benchmarks.md" + ("" if mk_methods else " (mergekit not run)"),
+    }
+    if rc == 0:
+        rows = json.loads((out / "gpu-benchmarks.json").read_text())["rows"]
+        d = {r["method"]: bench_report.derive(r) for r in rows}
+        res["over_2x_floor"] = sorted(m for m, x in d.items() if x["x_floor"] is None or x["x_floor"] > 2)
+        res["under_4x_mergekit"] = sorted(m for m in mk_methods if (d[m]["vs_mergekit"] or 0) < 4)
+    return res
 
 
 def main() -> None:
@@ -227,7 +263,9 @@ def main() -> None:
         "--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the same steps"
     )
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-check-out")))
-    ap.add_argument("--work", type=Path, default=Path("/tmp/gpu-check"), help="scratch: models, outputs")
+    ap.add_argument(
+        "--work", type=Path, default=ROOT / "gpu-check-work", help="scratch: models, outputs (on disk)"
+    )
     ap.add_argument("--check-size", type=float, default=0.3, help="GB per model for the CPU-vs-device check")
     ap.add_argument(
         "--check-max-memory", default="64MiB", help="small, so large tensors go in several chunks"
@@ -263,37 +301,9 @@ def main() -> None:
     shutil.rmtree(args.work / "configs", ignore_errors=True)
 
     if args.bench_size > 0:
-        mk = args.mergekit_python or (install_mergekit(args.wheels, args.work) if args.wheels else None)
-        cmd = [sys.executable, str(ROOT / "tools" / "bench.py"), "--suite", "--sizes", str(args.bench_size)]
-        cmd += [
-            "--device",
-            args.device,
-            "--cache",
-            "warm",
-            "--methods",
-            ",".join(methods),
-            "--timeout",
-            "300",
-        ]
-        cmd += [
-            "--max-memory",
-            args.max_memory,
-            "--data-root",
-            str(args.work / "data"),
-            "--out-root",
-            str(args.work / "out"),
-        ]
-        cmd += ["--md", str(args.out / "gpu-benchmarks.md"), "--png", str(args.out / "gpu-benchmarks.png")]
-        cmd += ["--json", str(args.out / "gpu-benchmarks.json")]
-        if mk:
-            mk_methods = [m for m in args.mergekit_methods.split(",") if m in methods]
-            cmd += ["--mergekit-python", mk, "--mergekit-methods", ",".join(mk_methods) or methods[0]]
-        print("bench:", " ".join(cmd), flush=True)
-        res["bench_rc"] = subprocess.run(cmd).returncode
-        res["bench"] = f"exit {res['bench_rc']}; see gpu-benchmarks.md" + (
-            "" if mk else " (mergekit not run)"
-        )
+        res |= bench(args, methods)
     write_report(res, args.out)
+    shutil.rmtree(args.work, ignore_errors=True)  # models, outputs and mergekit's scratch install
     sys.exit(0 if all(r["ok"] for r in res["methods"]) and not res.get("bench_rc") else 1)
 
 
