@@ -97,6 +97,7 @@ def test_a_size_without_room_is_skipped_with_the_numbers(tmp_path):
     s = {"gb": 6.0, "root": tmp_path / "x", "model_nbytes": 6_000_000_000, "generate": True}
     why = bench_suite.room_for(s, tmp_path, min_free_gb=1e6)
     assert why.startswith("skipped: 3 models + 1 output need 24.0 GB, ") and "1e+06 GB must stay free" in why
+    assert f"GB free on {tmp_path}," in why
     assert bench_suite.room_for({**s, "model_nbytes": 1000}, tmp_path, min_free_gb=0) is None
 
 

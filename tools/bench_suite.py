@@ -39,7 +39,7 @@ def set_nbytes(root: Path) -> int:
 
 
 def choose_sets(sizes_gb: list[float], reuse: list[Path], data_root: Path) -> list[dict]:
-    """One entry per size, smallest first: {gb, root, model_nbytes, generate, spec}."""
+    """One entry per size, smallest first: {gb, root, model_nbytes, generate}."""
     reused = {Path(r): set_nbytes(Path(r)) for r in reuse}
     for r, n in reused.items():
         if n == 0 or not all((r / m).is_dir() for m in MODELS):
@@ -72,17 +72,22 @@ def have_set(root: Path, nbytes: int) -> bool:
 
 
 def room_for(s: dict, out_root: Path, min_free_gb: float) -> str | None:
-    """None if the disk holds the set's missing models, one output and the margin; else why not."""
-    need = s["model_nbytes"] * (
-        1 + (3 if s["generate"] and not have_set(s["root"], s["model_nbytes"]) else 0)
-    )
-    free = shutil.disk_usage(out_root).free
-    if free - need < min_free_gb * GB:
-        what = "3 models + 1 output" if need > s["model_nbytes"] else "1 output"
-        return (
-            f"skipped: {what} need {need / GB:.1f} GB, {free / GB:.1f} GB free, "
-            f"and {min_free_gb:g} GB must stay free (--min-free-gb)"
-        )
+    """None if the disk(s) hold the set's missing models, one output and the margin; else why not."""
+    models = 3 * s["model_nbytes"] if s["generate"] and not have_set(s["root"], s["model_nbytes"]) else 0
+    data = next(p for p in [s["root"], *s["root"].parents] if p.exists())
+    needs: dict[int, list] = {}  # st_dev -> [path, bytes, what]
+    for path, nbytes, what in ((data, models, "3 models"), (out_root, s["model_nbytes"], "1 output")):
+        if nbytes:
+            entry = needs.setdefault(os.stat(path).st_dev, [path, 0, []])
+            entry[1] += nbytes
+            entry[2].append(what)
+    for path, need, what in needs.values():
+        free = shutil.disk_usage(path).free
+        if free - need < min_free_gb * GB:
+            return (
+                f"skipped: {' + '.join(what)} need {need / GB:.1f} GB, {free / GB:.1f} GB free on {path}, "
+                f"and {min_free_gb:g} GB must stay free (--min-free-gb)"
+            )
     return None
 
 
@@ -238,7 +243,6 @@ def run_suite(opts, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> 
     """Measure every requested size; returns the JSON-ready results."""
     started = datetime.datetime.now(datetime.UTC)
     opts.out_root.mkdir(parents=True, exist_ok=True)
-    opts.data_root.mkdir(parents=True, exist_ok=True)
     res = {
         "command": shlex.join(["python", "tools/bench.py", *opts.argv]),
         "date": started.strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(opts.device, opts.out_root),
