@@ -1,183 +1,71 @@
 #!/usr/bin/env python3
-"""Benchmark a merge: the disk floor, streammerge and (optionally) mergekit, all in one run.
+"""The project's benchmark: the disk floor, streammerge and (optionally) mergekit in one run.
+
+``--suite`` measures every configs/*.yml method at several model sizes, warm and cold page
+cache, and writes docs/benchmarks.md, docs/benchmarks.png and (with --readme) the README's
+table; see bench_suite.py for what is run and bench_report.py for what is written.
+``--config`` measures one config, as before:
 
 The floor reads every input safetensors file once into a reused 64 MiB buffer (os.preadv),
 then writes as many bytes as the merged output (os.pwrite) and fsyncs them. streammerge and
 mergekit run as child processes; wall time and peak RSS (os.wait4's ru_maxrss) are taken per
-child. Before each run the inputs are read through the page cache (default, warm) or dropped
-from it with posix_fadvise(DONTNEED) (--cold); the cached fraction (mincore) is reported.
-os.sync() runs after each run (its time is shown, not counted). Throughput is input bytes
-read / seconds for every row. Outputs go under --out-root and are deleted after each run.
+child. Before each run the inputs are read through the page cache (warm) or dropped from it
+with posix_fadvise(DONTNEED) (cold); the cached fraction (mincore) is reported. os.sync()
+runs after each run (its time is shown, not counted). Throughput is input bytes read /
+seconds for every row. Outputs go under --out-root and are deleted after each run.
 
     .venv/bin/python tools/bench.py --config /work/bench/lin.yml \\
         --mergekit-python /work/mkvenv/bin/python --json bench.json
+    .venv/bin/python tools/bench.py --suite --sizes 0.1,0.3 --methods linear,ties,slerp --cache warm
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
-import mmap
 import os
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-BUF_NBYTES = 64 << 20
-MiB, MB = 1 << 20, 1e6
-BIN = Path(sys.executable).parent
+import bench_measure as bm
+import bench_report
+import bench_suite
 
-
-def make_plan(config: Path, max_memory: str) -> dict:
-    cmd = [str(BIN / "streammerge"), "plan", str(config), "--json", "--max-memory", max_memory]
-    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-
-
-def input_files(plan: dict) -> list[Path]:
-    dirs = dict.fromkeys(Path(m) for m in [*plan["models"], plan.get("base_model")] if m)
-    return sorted(f for d in dirs for f in d.glob("*.safetensors"))
-
-
-def cached_fraction(files: list[Path]) -> float:
-    """Fraction of the files' pages that are in the page cache, by mincore(2)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    c = ctypes
-    libc.mmap.argtypes = [c.c_void_p, c.c_size_t, c.c_int, c.c_int, c.c_int, c.c_long]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    resident = pages = 0
-    for f in files:
-        size, fd = f.stat().st_size, os.open(f, os.O_RDONLY)
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        os.close(fd)
-        vec = ctypes.create_string_buffer(-(-size // mmap.PAGESIZE))
-        ok = libc.mincore(addr, size, vec) == 0
-        libc.munmap(addr, size)
-        if not ok:
-            raise OSError(ctypes.get_errno(), f"mincore failed on {f}")
-        resident += sum(b & 1 for b in vec.raw)
-        pages += len(vec.raw)
-    return resident / max(pages, 1)
-
-
-def read_all(files: list[Path], buf: memoryview) -> int:
-    """cat-like read of every file into one reused buffer; returns bytes read."""
-    total = 0
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            offset = 0
-            while n := os.preadv(fd, [buf], offset):
-                offset += n
-            total += offset
-        finally:
-            os.close(fd)
-    return total
-
-
-def prepare_cache(files: list[Path], cold: bool, buf: memoryview) -> float:
-    """Drop (cold) or load (warm) the inputs in the page cache; return the cached fraction."""
-    os.sync()
-    for f in files:
-        if cold:
-            fd = os.open(f, os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
-    if not cold:
-        read_all(files, buf)
-    return cached_fraction(files)
-
-
-def timed_sync() -> float:
-    t = time.perf_counter()
-    os.sync()
-    return time.perf_counter() - t
-
-
-def run_floor(files: list[Path], write_nbytes: int, out_root: Path, buf: memoryview) -> dict:
-    t0 = time.perf_counter()
-    read_all(files, buf)
-    t1 = time.perf_counter()
-    path = out_root / "floor.bin"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        offset = 0
-        while offset < write_nbytes:
-            offset += os.pwrite(fd, buf[: min(BUF_NBYTES, write_nbytes - offset)], offset)
-        t2 = time.perf_counter()
-        os.fsync(fd)
-        t3 = time.perf_counter()
-    finally:
-        os.close(fd)
-        path.unlink()
-    return {"read_s": t1 - t0, "write_buffered_s": t2 - t1, "write_fsync_s": t3 - t1, "seconds": t3 - t0}
-
-
-def run_child(name: str, cmd: list[str], out: Path, log: Path) -> dict:
-    """Run cmd, return wall seconds and the child's peak RSS from os.wait4."""
-    shutil.rmtree(out, ignore_errors=True)
-    with open(log, "wb") as logf:
-        t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - t
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    shutil.rmtree(out, ignore_errors=True)
-    if proc.returncode != 0:
-        sys.exit(f"{name} failed ({proc.returncode}):\n{log.read_text(errors='replace')[-3000:]}")
-    log.unlink()
-    return {"seconds": seconds, "peak_rss_mib": usage.ru_maxrss * 1024 / MiB}
-
-
-def mergekit_cmd(python: str, config: Path, out: Path) -> list[str]:
-    script = Path(python).parent / "mergekit-yaml"
-    if script.exists():
-        return [str(script), str(config), str(out)]
-    return [python, "-m", "mergekit.scripts.run_yaml", str(config), str(out)]
-
-
-def best(runs: list[dict]) -> dict:
-    """Fastest run; peak RSS is the largest over all repeats."""
-    top = dict(min(runs, key=lambda r: r["seconds"]))
-    if "peak_rss_mib" in top:
-        top["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)
-    return top
-
-
-def commands(args: argparse.Namespace) -> dict[str, list[str]]:
-    """The child processes to time: streammerge, and mergekit-yaml when asked."""
-    sm = [str(BIN / "streammerge"), "merge", str(args.config), str(args.out_root / "streammerge")]
-    sm += ["--max-memory", args.max_memory, "--no-progress", "--force"]
-    cmds = {"streammerge": sm + (["--threads", str(args.threads)] if args.threads else [])}
-    if args.mergekit_python:
-        cmds["mergekit"] = mergekit_cmd(args.mergekit_python, args.config, args.out_root / "mergekit")
-    return cmds
+MB, MiB = bm.MB, bm.MiB
+# The run behind the README's numbers (the lead's; /work paths are the project machine's).
+FULL_SUITE = (
+    "python tools/bench.py --suite --sizes 1.5,3,6 --reuse /work/bench/llama26 "
+    "--mergekit-python /work/mkvenv/bin/python --readme README.md --json docs/benchmarks.json"
+)
 
 
 def bench(args: argparse.Namespace) -> dict:
-    plan = make_plan(args.config, args.max_memory)
-    files = input_files(plan)
+    """One config: floor, streammerge, mergekit (when asked), each --repeat times."""
+    plan = bm.make_plan(args.config, args.max_memory)
+    files = bm.input_files(plan)
     args.out_root.mkdir(parents=True, exist_ok=True)
-    buf = memoryview(bytearray(os.urandom(BUF_NBYTES)))
-    runners = {"floor": lambda: run_floor(files, plan["write_nbytes"], args.out_root, buf)}
-    for name, cmd in commands(args).items():
-        runners[name] = lambda n=name, c=cmd: run_child(n, c, args.out_root / n, args.out_root / f"{n}.log")
+    buf = bm.make_buffer()
+    sm_out, mk_out = args.out_root / "streammerge", args.out_root / "mergekit"
+    runners = {"floor": lambda: bm.run_floor(files, plan["write_nbytes"], args.out_root, buf)}
+    sm = bm.streammerge_cmd(args.config, sm_out, args.max_memory, args.threads, args.device)
+    runners["streammerge"] = lambda: bm.run_child(sm, sm_out, args.out_root / "streammerge.log", args.timeout)
+    if args.mergekit_python:
+        mk = bm.mergekit_cmd(args.mergekit_python, args.config, mk_out, cuda=args.device == "cuda")
+        runners["mergekit"] = lambda: bm.run_child(mk, mk_out, args.out_root / "mergekit.log", args.timeout)
     runs: dict[str, list[dict]] = {name: [] for name in runners}
     for _ in range(args.repeat):
         for name, runner in runners.items():
-            cached = prepare_cache(files, args.cold, buf)
+            cached = bm.prepare_cache(files, args.cold, buf)
             result = runner()
-            runs[name].append({**result, "inputs_cached": cached, "sync_after_s": timed_sync()})
+            if "error" in result:
+                sys.exit(f"{name} failed: {result['error']}")
+            runs[name].append({**result, "inputs_cached": cached, "sync_after_s": bm.timed_sync()})
     return {
         "config": str(args.config), "cold": args.cold, "max_memory": args.max_memory, "repeat": args.repeat,
         "input_files": len(files), "input_nbytes": sum(f.stat().st_size for f in files),
         "write_nbytes": plan["write_nbytes"], "plan_estimated_peak_mib": plan["estimated_peak_nbytes"] / MiB,
-        "best": {name: best(r) for name, r in runs.items()}, "runs": runs,
+        "best": {name: bm.best(r) for name, r in runs.items()}, "runs": runs,
     }  # fmt: skip
 
 
@@ -213,21 +101,98 @@ def report(res: dict) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
+def suite(args: argparse.Namespace) -> dict:
+    """Every method, size and cache state; writes the Markdown, the chart and the README block."""
+    res = json.loads(args.from_json.read_text()) if args.from_json else bench_suite.run_suite(args)
+    if args.json and not args.from_json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    args.md.parent.mkdir(parents=True, exist_ok=True)
+    note = bench_report.plot(res, args.png) if res["rows"] else "no size was measured"
+    png = None if note else os.path.relpath(args.png, args.md.parent)
+    args.md.write_text(bench_report.markdown(res, png, note, FULL_SUITE) + "\n")
+    if note:
+        print(f"chart not drawn: {note}", file=sys.stderr)
+    if args.readme:
+        rel = lambda p: os.path.relpath(p, args.readme.parent)
+        block = bench_report.readme_section(res, rel(args.md), None if note else rel(args.png))
+        args.readme.write_text(bench_report.replace_readme_block(args.readme.read_text(), block))
+    print("\n".join(bench_report.method_table(bench_report.rows_of(res, *bench_report.groups(res)[0])))
+          if res["rows"] else "nothing measured")  # fmt: skip
+    print(f"wrote {args.md}" + ("" if note else f", {args.png}") + (f", {args.json}" if args.json else ""))
+    return res
+
+
+def csv(kind):
+    return lambda text: [kind(x) for x in text.split(",") if x]
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=Path, required=True, help="mergekit-style YAML")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config", type=Path, help="one mergekit-style YAML")
+    what.add_argument("--suite", action="store_true", help="every method x size x cache (see --sizes)")
     ap.add_argument("--out-root", type=Path, default=Path("bench-out"), help="scratch dir for outputs")
     ap.add_argument("--max-memory", default="512MiB", help="passed to streammerge")
     ap.add_argument("--threads", type=int, help="passed to streammerge merge")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="streammerge --device; cuda also gives mergekit --cuda",
+    )
     ap.add_argument("--mergekit-python", help="python with mergekit installed; also bench mergekit-yaml")
-    ap.add_argument("--cold", action="store_true", help="drop inputs from the page cache before each run")
+    ap.add_argument("--timeout", type=float, help="kill a child after this many seconds (a failed row)")
     ap.add_argument("--json", type=Path, help="also write the results here as JSON")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each; the fastest is reported")
-    args = ap.parse_args()
-    res = bench(args)
-    print(report(res))
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    one = ap.add_argument_group("--config")
+    one.add_argument("--cold", action="store_true", help="drop inputs from the page cache before each run")
+    s = ap.add_argument_group("--suite")
+    s.add_argument("--sizes", type=csv(float), default=[], help="GB per model, e.g. 1.5,3,6")
+    s.add_argument(
+        "--reuse", type=Path, action="append", default=[], help="an existing base/ft1/ft2 set (repeatable)"
+    )
+    s.add_argument("--data-root", type=Path, default=Path("bench-data"), help="where generated sets go")
+    s.add_argument(
+        "--keep-data", action="store_true", help="keep generated sets (default: delete after each size)"
+    )
+    s.add_argument(
+        "--min-free-gb", type=float, default=2.0, help="skip a size that would leave less free disk"
+    )
+    s.add_argument("--methods", type=csv(str), default=None, help="configs/*.yml stems (default: all)")
+    s.add_argument("--cache", dest="caches", type=csv(str), default=["warm", "cold"], help="warm,cold")
+    s.add_argument("--mergekit-methods", type=csv(str), default=None, help="default: every method")
+    s.add_argument(
+        "--mergekit-cache", dest="mergekit_caches", type=csv(str), default=["warm"], help="warm,cold"
+    )
+    s.add_argument("--md", type=Path, default=Path("docs/benchmarks.md"))
+    s.add_argument("--png", type=Path, default=Path("docs/benchmarks.png"))
+    s.add_argument("--readme", type=Path, help="rewrite this README's <!-- bench:start/end --> block")
+    s.add_argument("--from-json", type=Path, help="measure nothing: write --md/--png/--readme from a --json")
+    args = ap.parse_args(argv)
+    args.argv = argv
+    if args.suite:
+        known = bench_suite.all_methods()
+        args.methods = args.methods or known
+        args.mergekit_methods = args.mergekit_methods or args.methods
+        bad = sorted(set(args.methods + args.mergekit_methods) - set(known))
+        bad += sorted(set(args.caches + args.mergekit_caches) - {"warm", "cold"})
+        if bad:
+            ap.error(f"unknown method or cache: {', '.join(bad)} (methods: {', '.join(known)})")
+        if not args.sizes and not args.reuse and not args.from_json:
+            ap.error("--suite needs --sizes and/or --reuse")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.suite:
+        suite(args)
+    else:
+        res = bench(args)
+        print(report(res))
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2) + "\n")
     with contextlib.suppress(OSError):
         args.out_root.rmdir()  # only if empty
 
