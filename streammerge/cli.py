@@ -187,7 +187,8 @@ def plan(config, out, max_memory, shard_size, seed, as_json, save_plan, force) -
     click.echo(f"read / write  {d['read_nbytes'] / gib:.2f} GiB / {d['write_nbytes'] / gib:.2f} GiB")
     click.echo(
         f"memory        {d['estimated_peak_nbytes'] / (1 << 20):.0f} MiB of tensor buffers"
-        f" (budget {d['max_memory'] / (1 << 20):.0f} MiB, chunks of {d['chunk_elems']:,} elements)"
+        f" (budget {d['max_memory'] / (1 << 20):.0f} MiB, chunks of {d['chunk_elems']:,} elements);"
+        f" peak RSS ~{d['estimated_peak_rss_nbytes'] / (1 << 20):.0f} MiB with the runtime"
     )
     for s in d["shards"]:
         click.echo(f"  {s['file']}  {s['nbytes'] / gib:.2f} GiB  {s['tensors']} tensors")

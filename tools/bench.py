@@ -64,7 +64,7 @@ def bench(args: argparse.Namespace) -> dict:
     return {
         "config": str(args.config), "cold": args.cold, "max_memory": args.max_memory, "repeat": args.repeat,
         "input_files": len(files), "input_nbytes": sum(f.stat().st_size for f in files),
-        "write_nbytes": plan["write_nbytes"], "plan_estimated_peak_mib": plan["estimated_peak_nbytes"] / MiB,
+        "write_nbytes": plan["write_nbytes"], "plan_estimated_peak_mib": plan["estimated_peak_rss_nbytes"] / MiB,
         "best": {name: bm.best(r) for name, r in runs.items()}, "runs": runs,
     }  # fmt: skip
 

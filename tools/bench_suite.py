@@ -156,7 +156,7 @@ def run_set(s: dict, opts, buf: memoryview, log) -> list[dict]:
                 "size_gb": s["model_nbytes"] / GB, "models_root": str(s["root"]), "cache": cache,
                 "method": stem, "merge_method": plan["merge_method"], "inputs": len({f.parent for f in files}),
                 "input_nbytes": sum(f.stat().st_size for f in files), "write_nbytes": plan["write_nbytes"],
-                "plan_estimate_mib": plan["estimated_peak_nbytes"] / bm.MiB, "floor": floors[key],
+                "plan_estimate_mib": plan["estimated_peak_rss_nbytes"] / bm.MiB, "floor": floors[key],
             }  # fmt: skip
             sm = bm.streammerge_cmd(cfg, out / "streammerge", opts.max_memory, opts.threads, opts.device)
             row["streammerge"] = measure(
