@@ -14,6 +14,7 @@ for torch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,6 +37,11 @@ class BlockContext:
     offset: int  # flat index of the block's first element
     seed: int
     work_dtype: object = None  # the torch.dtype of D
+
+    @property
+    def row(self) -> int:
+        """Elements per row (the last dimension); a 1-D tensor is one row."""
+        return self.shape[-1] if len(self.shape) >= 2 else math.prod(self.shape)
 
 
 @dataclass(frozen=True, slots=True)

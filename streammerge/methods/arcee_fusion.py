@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import register
-from .select import Boundary, histogram, key_bits, locate
+from .select import Boundary, histogram, key_bits, locate, refine
 
 QUANTILES = (0.25, 0.5, 0.75)
 _INT = {16: torch.int16, 32: torch.int32}
@@ -57,15 +57,11 @@ def quantile_ranks(n: int) -> tuple[int, ...]:
     return tuple(int(np.float32(q) * np.float32(n - 1)) for q in QUANTILES)
 
 
-def _row(ctx) -> int:
-    return ctx.shape[-1] if len(ctx.shape) >= 2 else int(np.prod(ctx.shape))
-
-
 def _importance(xs, base_index, ctx):
     """On the CPU whatever the device: GPU softmax and log round differently, which moves
     elements across the threshold."""
     other = 1 - base_index
-    return importance(xs[base_index].cpu(), xs[other].cpu(), _row(ctx))
+    return importance(xs[base_index].cpu(), xs[other].cpu(), ctx.row)
 
 
 def arcee_fold(i, acc, xs, *, ctx, stats, base_index):
@@ -83,10 +79,7 @@ def arcee_finish(i, acc, *, ctx, stats, base_index):
     ranks = quantile_ranks(int(np.prod(ctx.shape)))
     if i == 0:
         return tuple(Boundary(*locate(acc, r)) for r in ranks)
-    return tuple(
-        Boundary((b.key << 16) | locate(acc[b.key], r, below=b.below)[0], 0, 0)
-        for r, b in zip(ranks, stats[0])
-    )
+    return refine(stats[0], ranks, acc)
 
 
 @register("arcee_fusion", fold=arcee_fold, finish=arcee_finish)

@@ -124,11 +124,7 @@ def gta_finish(i: int, acc, *, ctx, stats, base_index, weight, normalize, rescal
         elif kind == "select_high":
             out[m] = tuple(Boundary(*locate(counts, r)) for r in ranks)  # key = the high 16 bits
         else:  # select_low: refine each boundary's high bin to the exact 32-bit key
-            refined = []
-            for r, b in zip(ranks, stats[0][m]):
-                low, below, equal = locate(counts[b.key], r, below=b.below)
-                refined.append(Boundary((b.key << 16) | low, below, equal))
-            out[m] = tuple(refined)
+            out[m] = select.refine(stats[0][m], ranks, counts)
     return out
 
 
@@ -171,7 +167,7 @@ def _sparsify(delta, m, ctx, stats, state, density, gamma, epsilon, factor, by_d
         if density <= 0:
             return torch.zeros_like(delta)
         u = uniform(key, ctx.offset, d.numel())
-        rows = d.reshape(-1, _row(ctx))
+        rows = d.reshape(-1, ctx.row)
         # ranks of |delta| within each row, ties by position (a stable sort); numpy sorts
         # 16-bit keys by radix, 10x faster than torch.sort
         order = np.argsort(select.magnitude_keys_np(rows).reshape(rows.shape), axis=1, kind="stable")
@@ -221,7 +217,7 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
     if preset.sparsifier in ("magnitude", "magnitude_outliers"):
         prune(0, base.numel())  # ties at the threshold are counted in element order
     else:  # elementwise (keyed random masks), or whole rows for della
-        parallel.run(prune, base.numel(), _row(ctx) if preset.sparsifier == "della_magprune" else 1)
+        parallel.run(prune, base.numel(), ctx.row if preset.sparsifier == "della_magprune" else 1)
     weights = [weight[m] for m in others]
     if preset.consensus == "sum" and sign_election == "unweighted":
         return combine_eager(base, deltas, weights, preset.consensus, normalize, lam, weighted_election=False)
@@ -235,10 +231,6 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
         )
         return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(base.shape)
     return combine_eager(base, deltas, weights, preset.consensus, normalize, lam)
-
-
-def _row(ctx: BlockContext) -> int:
-    return ctx.shape[-1] if len(ctx.shape) >= 2 else int(np.prod(ctx.shape))
 
 
 def combine_eager(base, deltas, weights, consensus, normalize, lam, weighted_election=True):

@@ -28,7 +28,7 @@ def karcher_fold(i, acc, xs, *, base_index=None, max_iter=10, tol=1e-5):
     """The statistics pass: the Gram matrix of the inputs (products in fp32, summed in fp64),
     on the CPU whatever the device, so the sums (and the output) are the same bits."""
     flat = torch.stack([x.reshape(-1).float().cpu() for x in xs]).double()
-    gram = (flat @ flat.T).cpu().numpy()
+    gram = (flat @ flat.T).numpy()
     return gram if acc is None else acc + gram
 
 

@@ -70,7 +70,7 @@ def model_stock(xs, *, ctx, stats, base_index, filter_wise=False):
     w0, ws, offsets = _offsets(xs, base_index)
     count = len(ws)
     if filter_wise:  # per row, exactly mergekit's computation on whole rows
-        rows = ctx.shape[-1] if len(ctx.shape) >= 2 else w0.numel()
+        rows = ctx.row  # blocks hold whole rows (a 1-D tensor whole)
         w0r, offs = w0.reshape(-1, rows), [o.reshape(-1, rows) for o in offsets]
         cos = []
         for a, b in _pairs(count):

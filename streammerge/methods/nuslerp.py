@@ -104,7 +104,7 @@ def nuslerp(xs, *, ctx, stats, base_index, weight, nuslerp_flatten=True, nuslerp
         columns = _columns(ctx, v0.numel(), v0.device)
         result = _interpolate(t, v0, v1, *(_per_element(s, columns) for s in stats[1]))
     else:  # each row (last dimension) is a vector: mergekit's computation on whole rows
-        row = ctx.shape[-1] if len(ctx.shape) >= 2 else v0.numel()
+        row = ctx.row  # blocks hold whole rows (a 1-D tensor whole)
         r0, r1 = v0.reshape(-1, row), v1.reshape(-1, row)
         u0 = r0 / torch.norm(r0, dim=-1, keepdim=True).clamp(min=1e-7)
         u1 = r1 / torch.norm(r1, dim=-1, keepdim=True).clamp(min=1e-7)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import register
-from .select import Boundary, apply_mask, histogram, keep_window, key_bits, locate, magnitude_keys
+from .select import Boundary, apply_mask, histogram, keep_window, key_bits, locate, magnitude_keys, refine
 
 
 def _selects(select_topk: float) -> bool:
@@ -89,11 +89,7 @@ def sce_finish(i, acc, *, ctx, stats, base_index, select_topk=1.0, int8_mask=Fal
         return torch.ones_like(means) / len(means) if abs(total) < 1e-6 else means / total
     if kind == "select_low":
         first = stats[0]
-        refined = []
-        for rank, b in zip(first["ranks"], first["boundaries"]):
-            low, below, equal = locate(acc["lows"][b.key], rank, below=b.below)
-            refined.append(Boundary((b.key << 16) | low, below, equal))
-        return {**first, "boundaries": tuple(refined)}
+        return {**first, "boundaries": refine(first["boundaries"], first["ranks"], acc["lows"])}
     # mergekit: k = int(count_nonzero(var) * select_topk), a float32 product
     k = int(np.float32(acc["nonzero"]) * np.float32(select_topk))
     ranks = (n - k, n - 1) if k else (n - 1, n - 1)

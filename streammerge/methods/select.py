@@ -75,6 +75,16 @@ def locate(counts: np.ndarray, rank: int, below: int = 0) -> tuple[int, int, int
     return b, start, int(counts[b])
 
 
+def refine(high: tuple[Boundary, ...], ranks, lows: dict[int, np.ndarray]) -> tuple[Boundary, ...]:
+    """Second pass of a 32-bit select: each first-pass boundary (its key = the high 16 bits)
+    refined to the exact key from ``lows``, the low-16-bit histogram of its high bin."""
+    refined = []
+    for rank, b in zip(ranks, high):
+        low, below, equal = locate(lows[b.key], rank, below=b.below)
+        refined.append(Boundary((b.key << 16) | low, below, equal))
+    return tuple(refined)
+
+
 def keep_window(x: torch.Tensor, lo: Boundary, hi: Boundary, rank_lo: int, rank_hi: int,
                 seen: dict[int, int], earliest_high: bool) -> np.ndarray:  # fmt: skip
     """Boolean mask (numpy, flat) of the elements of ``x`` whose ascending magnitude rank is
