@@ -31,8 +31,8 @@ from .checkpoint import Reader
 from .derive import read_derived
 from .errors import Interrupted, StreamMergeError, WriteError
 from .header import ITEMSIZE
-from .methods import SPECS, BlockContext, Scope, get_kernel
-from .plan import BLOCK_ELEMS, COPY, DEFAULT_SHARD_NBYTES, Job, Plan, make_plan
+from .methods import SPECS, BlockContext, Scope, get_kernel, parallel
+from .plan import BLOCK_ELEMS, COPY, DEFAULT_SHARD_NBYTES, Job, Plan, fold_window, make_plan
 from .polite import UNLIMITED, IoLimits, be_nice
 from .write import OutputWriter
 
@@ -396,10 +396,15 @@ class _JobRun:
 
     def _blocks(self, views: list[np.ndarray], start: int, end: int, step: int):
         """(flat offset, input blocks on the device in dtype D) over one chunk."""
-        xs = [torch.from_numpy(v).view(TORCH_DTYPES[r.dtype]) for v, r in zip(views, self.job.inputs)]
+        xs = self._raw(views)
         for s in range(0, end - start, step):
-            e = min(end - start, s + step)
-            yield start + s, [x[s:e].to(device=self.dev, dtype=self.work) for x in xs]
+            yield start + s, self._block(xs, s, min(end - start, s + step))
+
+    def _raw(self, views: list[np.ndarray]) -> list[torch.Tensor]:
+        return [torch.from_numpy(v).view(TORCH_DTYPES[r.dtype]) for v, r in zip(views, self.job.inputs)]
+
+    def _block(self, xs: list[torch.Tensor], s: int, e: int) -> list[torch.Tensor]:
+        return [x[s:e].to(device=self.dev, dtype=self.work) for x in xs]
 
     def _call(self, fn, *args, offset: int, **extra):
         ctx = BlockContext(self.job.method, self.job.name, self.job.shape, offset, self.seed, self.work)
@@ -411,8 +416,26 @@ class _JobRun:
         """Fold one chunk into statistics pass ``i``; finish the pass at the tensor's end."""
         if start == 0:
             self.acc, self.state = None, {}
-        for offset, xs in self._blocks(views, start, end, self.job.stat_block_elems):
-            self.acc = self._call(self.kernel.fold, i, self.acc, xs, offset=offset)
+        step = self.job.stat_block_elems
+        if self.kernel.reduce is None:  # blocks in order, each onto the running accumulator
+            for offset, xs in self._blocks(views, start, end, step):
+                self.acc = self._call(self.kernel.fold, i, self.acc, xs, offset=offset)
+        else:  # runs of blocks on every core, their partials joined in block order
+            raw = self._raw(views)
+
+            def fold_run(run: range) -> list:
+                return [
+                    self._call(self.kernel.fold, i, None, self._block(raw, s, min(end - start, s + step)),
+                               offset=start + s)
+                    for s in run
+                ]  # fmt: skip
+
+            window = fold_window(self.job)
+            for partials in parallel.map_ordered(
+                fold_run, parallel.runs(range(0, end - start, step)), window
+            ):
+                for partial in partials:
+                    self.acc = self._call(self.kernel.reduce, i, self.acc, partial, offset=0)
         if end == self.job.numel:
             self.stats.append(self._call(self.kernel.finish, i, self.acc, offset=0))
             self.acc = None
@@ -426,9 +449,38 @@ class _JobRun:
             self.state = {}
         end = start + out.nbytes // ITEMSIZE[self.job.out_dtype]
         out_all = torch.from_numpy(out).view(TORCH_DTYPES[self.job.out_dtype])
-        for offset, xs in self._blocks(views, start, end, self.job.block_elems):
-            result = self._call(self.kernel.combine, xs, offset=offset)
-            out_all[offset - start : offset - start + result.numel()].copy_(result.reshape(-1))
+        step, window = self._combine_step()
+        if window < 2:  # blocks in order, each split across the cores by the kernel
+            for offset, xs in self._blocks(views, start, end, step):
+                result = self._call(self.kernel.combine, xs, offset=offset)
+                out_all[offset - start : offset - start + result.numel()].copy_(result.reshape(-1))
+            return
+        raw = self._raw(views)
+
+        def combine_block(s: int) -> None:  # a whole block per core: no barrier inside a block
+            result = self._call(
+                self.kernel.combine, self._block(raw, s, min(end - start, s + step)), offset=start + s
+            )
+            out_all[s : s + result.numel()].copy_(result.reshape(-1))
+
+        for _ in parallel.map_ordered(combine_block, range(0, end - start, step), window):
+            pass
+
+    def _combine_step(self) -> tuple[int, int]:
+        """(block, blocks at once): the plan's block split in one part per thread, whole rows
+        for row-wise methods, when the kernel needs no order (it keeps no ``state``)."""
+        block, threads = self.job.block_elems, torch.get_num_threads()
+        if self.kernel.ordered or threads < 2:
+            return block, 1
+        unit = (
+            self.job.shape[-1]
+            if SPECS[self.job.method].rows(self.job.shared_params) and self.job.shape
+            else 1
+        )
+        step = max(block // threads, parallel.MIN_PART) // unit * unit
+        if step == 0:
+            return block, 1
+        return step, min(threads, block // step)
 
 
 def merge_tensors(

@@ -360,13 +360,7 @@ def _estimate(jobs: tuple[Job, ...], budget: int) -> Estimate:
     def in_item(j: Job) -> int:
         return sum(ITEMSIZE[t.dtype] for t in j.inputs)
 
-    def scratch_words(j: Job) -> int:
-        if j.method == COPY:
-            return 0
-        spec = SPECS[j.method]
-        return spec.scratch_per_input * len(j.inputs) + spec.scratch_fixed
-
-    words = max((scratch_words(j) for j in jobs), default=0)
+    words = max((_scratch_words(j) for j in jobs), default=0)
     # Compute blocks shrink with the budget so scratch stays within a quarter of it.
     block = BLOCK_ELEMS
     while block > MIN_BLOCK_ELEMS and block * 4 * (words + HEAP_SLACK_WORDS) > budget // 4:
@@ -376,9 +370,10 @@ def _estimate(jobs: tuple[Job, ...], budget: int) -> Estimate:
     # Statistics folds make few, block-sized temporaries: little heap slack.
     scratch = max(
         (
-            max(blk * (scratch_words(j) + HEAP_SLACK_WORDS), stat * (scratch_words(j) + STAT_SLACK_WORDS)) * 4
+            max(blk * (_scratch_words(j) + HEAP_SLACK_WORDS), stat * (_scratch_words(j) + STAT_SLACK_WORDS))
+            * 4
             for j in jobs
-            if scratch_words(j)
+            if _scratch_words(j)
             for stat, blk in [_blocks(j, block)]
         ),
         default=0,
@@ -398,6 +393,21 @@ def _estimate(jobs: tuple[Job, ...], budget: int) -> Estimate:
         read_nbytes=reads, write_nbytes=sum(j.out_nbytes for j in jobs), derive_nbytes=derive,
     )  # fmt: skip
     return estimate, jobs
+
+
+def _scratch_words(j: Job) -> int:
+    if j.method == COPY:
+        return 0
+    spec = SPECS[j.method]
+    return spec.scratch_per_input * len(j.inputs) + spec.scratch_fixed
+
+
+def fold_window(j: Job) -> int:
+    """Statistics blocks of ``j`` that may be folded at once: as many as fit in the
+    scratch its combine blocks are given (the plan counts the larger of the two)."""
+    words = _scratch_words(j)
+    stat = max(j.stat_block_elems, 1) * (words + STAT_SLACK_WORDS)
+    return max(1, j.block_elems * (words + HEAP_SLACK_WORDS) // stat)
 
 
 def _blocks(j: Job, block: int) -> tuple[int, int]:

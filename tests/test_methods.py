@@ -132,6 +132,31 @@ def test_dare_keeps_density_and_rescales_l1(method):
     assert torch.equal(out, again) and not torch.equal(out, other)
 
 
+@pytest.mark.parametrize("method, earliest_high", [("ties", True), ("breadcrumbs", False)])
+def test_magnitude_window_with_l1_rescale_counts_boundary_ties_in_element_order(method, earliest_high):
+    # 200,003 deltas with 3 magnitudes, so ties at each window boundary span many 64K
+    # statistics blocks. Expected: the stable-sort window of |d| (ties by position), scaled
+    # by fp32(sum|d|) / fp32(sum|kept d|) from fp64 sums, as one whole-tensor computation.
+    n, density, gamma = 200_003, 0.45, 0.2
+    g = torch.Generator().manual_seed(3)
+    mags = torch.tensor([0.25, 0.5, 1.0])[torch.randint(0, 3, (n,), generator=g)]
+    delta = mags * torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    order = torch.sort(delta.abs(), stable=True, descending=earliest_high).indices  # rank order
+    if earliest_high:  # ties: the top k
+        chosen = order[: int(density * n)]
+    else:  # breadcrumbs: ascending ranks [n - target - gamma n, n - gamma n)
+        bottom = n - int(density * n) - int(gamma * n)
+        chosen = order[bottom : bottom + int(density * n)]
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[chosen] = True
+    kept = delta * keep
+    factor = torch.tensor(delta.abs().double().sum().item()) / torch.tensor(kept.abs().double().sum().item())
+    params = {"gamma": [gamma, None]} if method == "breadcrumbs" else {}
+    out = merge_tensors(method, [delta, torch.zeros(n)], base_index=1, weight=[1.0, None], density=[density, None],
+                        rescale=True, **params)  # fmt: skip
+    assert torch.equal(out, kept * factor)
+
+
 def test_della_keeps_density_and_favours_large_magnitudes():
     rows = _random_deltas(512 * 1024).reshape(512, 1024)
     out = merge_tensors("della_linear", [rows, torch.zeros_like(rows)], base_index=1, weight=[1.0, None],
@@ -400,6 +425,8 @@ def test_fast_gta_combine_is_mergekits_op_sequence_bit_for_bit(dtype, n_models, 
     deltas = (torch.randn(n_models, 50_000, generator=gen) * 0.003).to(dtype)
     deltas[:, ::7] = 0  # pruned elements
     deltas[0, ::11] = -0.0
+    if n_models > 1:  # equal weights cancel exactly: the elected sign of a zero total is +
+        deltas[1, ::13] = -deltas[0, ::13]
     for weights in ([0.6, -0.3, 0.9, 0.25, 1e-3][:n_models], [1.0] * n_models):
         for normalize, lam in [(True, 1.0), (False, 0.7), (True, 1.3)]:
             args = (base, deltas, weights, consensus, normalize, lam)

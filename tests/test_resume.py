@@ -70,7 +70,13 @@ def tree(out: Path) -> dict[str, bytes]:
 
 
 def journaled(out: Path) -> int:
-    return len(read_journal(streammerge.write.partial_dir(out))[1])
+    """Tensors a resume would keep: the journal's, or all of them once the commit removed
+    the journal and the manifest vouches for every tensor (killed before the rename)."""
+    partial = streammerge.write.partial_dir(out)
+    head, done, _ = read_journal(partial)
+    if head is None and (partial / "streammerge.json").exists():
+        return N_TENSORS
+    return len(done)
 
 
 def signal_at(pid: int, out: Path, lines: int, delay: float, sig: int) -> int:

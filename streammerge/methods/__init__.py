@@ -6,7 +6,13 @@ A kernel's ``combine`` maps one block of the inputs (same shape, working dtype D
 pass ``i``: the executor folds every block of the tensor, in order, then hands the
 finished statistics to the next pass and to ``combine`` as ``stats``. A kernel may also
 ask for ``ctx`` (a ``BlockContext``: tensor name, shape, block offset, seed) and
-``state`` (a dict that lives for one pass over one tensor; blocks arrive in order).
+``state`` (a dict that lives for one pass over one tensor).
+
+Using every core without changing a bit: a kernel that gives ``reduce(i, acc, partial)
+-> acc`` has its statistics blocks folded from ``None`` on all threads and the partials
+joined in block order (``acc`` is None before the first); its ``fold`` keeps no
+``state``. Combine blocks are independent, so they run one per thread at once, unless the
+kernel registers as ``ordered`` (its combine keeps ``state`` from block to block).
 
 ``get_kernel(name)`` imports the kernel modules on first use, so planning never pays
 for torch.
@@ -49,14 +55,23 @@ class Kernel:
     combine: Callable
     fold: Callable | None = None
     finish: Callable | None = None
+    reduce: Callable | None = None
+    ordered: bool = False  # combine sees a tensor's blocks in order (it keeps ``state``)
 
 
-def register(name: str, *, fold: Callable | None = None, finish: Callable | None = None):
+def register(
+    name: str,
+    *,
+    fold: Callable | None = None,
+    finish: Callable | None = None,
+    reduce: Callable | None = None,
+    ordered: bool = False,
+):
     """Decorator: make ``fn`` the combine kernel of method ``name`` (which needs a spec)."""
 
     def deco(fn: Callable) -> Callable:
         assert name in SPECS, f"kernel {name} has no MethodSpec"
-        _KERNELS[name] = Kernel(fn, fold, finish)
+        _KERNELS[name] = Kernel(fn, fold, finish, reduce, ordered)
         return fn
 
     return deco
@@ -66,6 +81,9 @@ def get_kernel(name: str) -> Kernel:
     if not _KERNELS:
         import importlib
 
+        from .heap import keep_freed_heap
+
+        keep_freed_heap()  # kernels are about to make block-sized temporaries
         for module in _KERNEL_MODULES:
             importlib.import_module(f"{__name__}.{module}")
     return _KERNELS[name]

@@ -38,7 +38,16 @@ import torch
 
 from . import BlockContext, parallel, register, select
 from .rng import stream_key, uniform, uniform_bits24
-from .select import Boundary, apply_mask, histogram, keep_window, key_bits, locate, magnitude_keys
+from .select import (
+    Boundary,
+    apply_mask,
+    histogram,
+    keep_window,
+    key_bits,
+    locate,
+    magnitude_keys,
+    magnitude_keys_np,
+)
 from .spec import GTA
 
 RESCALE_EPS = 1e-7
@@ -72,33 +81,99 @@ def _prunes(density: float | None) -> bool:
     return density is not None and density < 1
 
 
-def gta_fold(i: int, acc, xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False,
-             density=None, gamma=None, epsilon=None, int8_mask=False, rescale_mode="l1", **shared):  # fmt: skip
-    """Statistics pass ``i`` over one block: histograms for the magnitude windows, or the
-    L1 norms of each delta before and after pruning."""
+def gta_fold(i: int, acc, xs, *, ctx, stats, base_index, weight, normalize, rescale=False, density=None,
+             gamma=None, epsilon=None, int8_mask=False, rescale_mode="l1", **shared):  # fmt: skip
+    """Statistics pass ``i`` over one block, from nothing (``gta_reduce`` joins blocks):
+    histograms for the magnitude windows, or the L1 norms of each delta before and after
+    pruning. Block sums are fp64; a magnitude window's ties at a boundary are counted here
+    and kept or dropped in ``gta_reduce``, which sees the blocks in order."""
     kind = _pass_kinds(ctx, xs[0].dtype, rescale and rescale_mode == "l1")[i]
     base = xs[base_index]
-    acc = dict(acc or {})
+    out = {}
     for m in _others(xs, base_index):
         if not _prunes(density[m]):
             continue
         delta = xs[m] - base
-        if kind == "l1":
+        if kind == "l1" and GTA[ctx.method].sparsifier in ("magnitude", "magnitude_outliers"):
+            out[m] = _l1_window_block(delta, ctx, stats, m)
+        elif kind == "l1":
             pruned = _sparsify(
-                delta, m, ctx, stats, state, density[m], _get(gamma, m), _get(epsilon, m), None, False
+                delta, m, ctx, stats, None, density[m], _get(gamma, m), _get(epsilon, m), None, False
             )
-            before, after = acc.get(m, (0.0, 0.0))
-            acc[m] = (before + delta.abs().double().sum().item(), after + pruned.abs().double().sum().item())
-            continue
-        keys = magnitude_keys(delta.reshape(-1))
-        if kind in ("select", "select_high"):
-            acc[m] = histogram(keys, 16 if kind == "select_high" else 0, None, acc.get(m))
+            out[m] = (_abs_sum(delta), _abs_sum(pruned))
+        elif kind in ("select", "select_high"):
+            out[m] = histogram(
+                magnitude_keys(delta.reshape(-1)), 16 if kind == "select_high" else 0, None, None
+            )
         else:  # select_low: low 16 bits of the keys in each boundary's high bin
-            lows = acc.get(m, {})
-            for high in {b.key for b in stats[0][m]}:
-                lows[high] = histogram(keys, 0, high, lows.get(high))
-            acc[m] = lows
-    return acc
+            keys = magnitude_keys(delta.reshape(-1))
+            out[m] = {high: histogram(keys, 0, high, None) for high in {b.key for b in stats[0][m]}}
+    return out
+
+
+def _abs_sum(x: torch.Tensor) -> float:
+    return x.abs().double().sum().item()
+
+
+def _l1_window_block(delta, ctx, stats, m) -> tuple:
+    """One block's L1 terms for a magnitude window: (sum |delta|, sum |delta| strictly
+    inside the window's boundary keys, {boundary key: (elements with it, their |value|)})."""
+    lo, hi = stats[1 if key_bits(ctx.work_dtype) == 32 else 0][m]
+    keys = magnitude_keys_np(delta)
+    a = delta.reshape(-1).abs().double()
+    inside = torch.from_numpy((keys > lo.key) & (keys < hi.key))
+    ties = {}
+    for key in {lo.key, hi.key}:
+        tied = keys == key
+        count = int(np.count_nonzero(tied))
+        if count:
+            ties[key] = (count, a[int(np.argmax(tied))].item())
+    return a.sum().item(), (a * inside).sum().item(), ties
+
+
+def gta_reduce(i: int, acc, partial, *, ctx, stats, base_index, weight, normalize, rescale=False,
+               density=None, gamma=None, epsilon=None, int8_mask=False, rescale_mode="l1", **shared):  # fmt: skip
+    """Join the next block's ``partial`` onto ``acc`` (blocks arrive in order)."""
+    kind = _pass_kinds(ctx, ctx.work_dtype, rescale and rescale_mode == "l1")[i]
+    sparsifier = GTA[ctx.method].sparsifier
+    n = int(np.prod(ctx.shape))
+    out = dict(acc or {})
+    for m, part in partial.items():
+        if kind == "l1" and sparsifier in ("magnitude", "magnitude_outliers"):
+            out[m] = _join_window(out.get(m, (0.0, 0.0, {})), part, stats[1 if key_bits(ctx.work_dtype) == 32 else 0][m],
+                                  _rank_window(sparsifier, n, density[m], _get(gamma, m) or 0.0),
+                                  sparsifier == "magnitude")  # fmt: skip
+        elif kind == "l1":
+            before, after = out.get(m, (0.0, 0.0))
+            out[m] = (before + part[0], after + part[1])
+        elif m not in out:
+            out[m] = part
+        elif kind in ("select", "select_high"):
+            out[m] = out[m] + part
+        else:
+            out[m] = {high: out[m][high] + counts for high, counts in part.items()}
+    return out
+
+
+def _join_window(acc: tuple, part: tuple, boundaries, window, earliest_high: bool) -> tuple:
+    """L1 terms of a magnitude window so far, with the next block's: its boundary ties are
+    kept by their position among all ties of that key in element order (as ``keep_window``
+    keeps them in the combine pass)."""
+    before, after, seen = acc
+    seen = dict(seen)
+    for key, (count, value) in part[2].items():
+        b = next(b for b in boundaries if b.key == key)
+        first = seen.get(key, 0)
+        # tie number p ranks below + p ascending, or below + equal - 1 - p with earliest_high
+        if earliest_high:
+            top = b.below + b.equal - 1
+            lo_p, hi_p = top - window[1] + 1, top - window[0] + 1
+        else:
+            lo_p, hi_p = window[0] - b.below, window[1] - b.below
+        kept = max(0, min(hi_p, first + count) - max(lo_p, first))
+        after += kept * value
+        seen[key] = first + count
+    return before + part[0], after + part[1], seen
 
 
 def gta_finish(i: int, acc, *, ctx, stats, base_index, weight, normalize, rescale=False,
@@ -113,7 +188,7 @@ def gta_finish(i: int, acc, *, ctx, stats, base_index, weight, normalize, rescal
             work = (
                 _work_dtype(ctx.work_dtype) if sparsifier in ("random", "della_magprune") else ctx.work_dtype
             )
-            before, after = (torch.tensor(v, dtype=work) for v in counts)
+            before, after = (torch.tensor(v, dtype=work) for v in counts[:2])
             ok = bool(before >= RESCALE_EPS) and bool(after >= RESCALE_EPS)
             out[m] = before / after if ok else None
             continue
@@ -280,23 +355,8 @@ def _rounder(dtype: torch.dtype, n: int):
 def fast_combine_exact(dtype: torch.dtype, n_models: int) -> bool:
     """Whether ``combine_fast`` applies: it reproduces torch's ``sum(dim=0)``, which for fp32
     adds the models in order only up to 4 of them (measured on torch 2.13, CPU, 1-2
-    threads), and its divisor table has 2^n entries (n <= 8)."""
+    threads); 16-bit dtypes are checked up to 8 models."""
     return dtype in _FAST_DTYPES and n_models <= (4 if dtype == torch.float32 else 8)
-
-
-def _divisor_table(w: np.ndarray, rnd) -> np.ndarray:
-    """For every subset of models (bit m = model m agrees): the weights' in-order fp32 sum
-    rounded to D, as mergekit's ``(w * mask).sum(dim=0)``; 0 becomes 1 like its guard."""
-    table = np.zeros(1 << len(w), np.float32)
-    for code in range(len(table)):
-        acc = np.float32(0)
-        for m, wm in enumerate(w):
-            if code >> m & 1:
-                acc = np.float32(acc + wm)
-        table[code] = acc
-    table = rnd(table)
-    table[table == 0] = 1
-    return table
 
 
 def combine_fast(base, deltas, weights, consensus, normalize, lam):
@@ -320,16 +380,22 @@ def combine_fast(base, deltas, weights, consensus, normalize, lam):
             total = rnd(total)
         # For 16-bit D rounding cannot change the sign: the sum of multiples of D's smallest
         # subnormal is one too, so it never rounds to zero (and a zero stays zero).
-        elected = np.where(total >= 0, np.float32(1), np.float32(-1))
-        masks = [x * elected > 0 for x in wd]  # sign(x) == elected; zeros never agree
-        mixed = wd[0] * masks[0]
-        code = masks[0].view(np.uint8).copy()
-        for bit, (x, mk) in enumerate(zip(wd[1:], masks[1:]), start=1):
-            mixed += x * mk
-            code |= mk.view(np.uint8) << bit
+        # x agrees with the elected sign (+1 where total >= 0) iff x * elected > 0, i.e.
+        # x is nonzero and positive exactly where the total is non-negative.
+        positive = total >= 0
+        mixed, divisor = None, np.zeros_like(b)
+        for x, wm in zip(wd, w):
+            agree = np.equal(x > 0, positive)
+            agree &= x != 0
+            if mixed is None:
+                mixed = x * agree
+            else:
+                mixed += x * agree
+            # the agreeing weights' in-order fp32 sum, as mergekit's (w * mask).sum(dim=0)
+            divisor += agree * wm
         mixed = rnd(mixed)
-        # divisor = rnd(sum of the agreeing weights, in order): one of 2^n values, by table
-        divisor = _divisor_table(w, rnd)[code]
+        divisor = rnd(divisor)
+        divisor += divisor == 0  # its guard: no agreeing weight divides by 1
     else:
         mixed = wd[0].copy()
         for x in wd[1:]:
@@ -347,4 +413,5 @@ def combine_fast(base, deltas, weights, consensus, normalize, lam):
 
 
 for _name in GTA:
-    register(_name, fold=gta_fold, finish=gta_finish)(gta)
+    magnitude = GTA[_name].sparsifier in ("magnitude", "magnitude_outliers")  # ties counted in order
+    register(_name, fold=gta_fold, finish=gta_finish, reduce=gta_reduce, ordered=magnitude)(gta)

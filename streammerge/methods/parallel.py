@@ -8,7 +8,8 @@ so the parts do not also fan out into OpenMP.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -44,3 +45,28 @@ def run(fn: Callable[[int, int], object], n: int, align: int = 1) -> list:
     if len(parts) == 1:
         return [fn(0, n)]
     return list(_pool(torch.get_num_threads()).map(lambda part: fn(*part), parts))
+
+
+def runs(items: range, per_thread: int = 4) -> list[range]:
+    """``items`` cut into consecutive runs, ``per_thread`` per thread (for balance)."""
+    count = max(1, torch.get_num_threads() * per_thread)
+    step = max(1, -(-len(items) // count))
+    return [items[i : i + step] for i in range(0, len(items), step)]
+
+
+def map_ordered(fn: Callable, items: Iterable, window: int) -> Iterator:
+    """``fn(item)`` for each item, in order, with up to ``window`` items in flight on the
+    pool (so at most that many items' temporaries exist at once). With one thread the
+    items run here; with several, even a window of one runs in the pool, where torch is
+    single-threaded: its multi-threaded ops cost more than they save on small blocks."""
+    threads = torch.get_num_threads()
+    if threads < 2:
+        yield from map(fn, items)
+        return
+    pool, pending = _pool(threads), deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= min(window, threads):
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()

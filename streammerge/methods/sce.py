@@ -97,7 +97,7 @@ def sce_finish(i, acc, *, ctx, stats, base_index, select_topk=1.0, int8_mask=Fal
     return {"k": k, "ranks": ranks, "boundaries": boundaries}
 
 
-@register("sce", fold=sce_fold, finish=sce_finish)
+@register("sce", fold=sce_fold, finish=sce_finish, ordered=True)
 def sce(xs, *, ctx, stats, state, base_index, select_topk=1.0, int8_mask=False):
     base, tvs = _task_vectors(xs, base_index)
     if not len(tvs):
