@@ -420,22 +420,19 @@ class _JobRun:
         if self.kernel.reduce is None:  # blocks in order, each onto the running accumulator
             for offset, xs in self._blocks(views, start, end, step):
                 self.acc = self._call(self.kernel.fold, i, self.acc, xs, offset=offset)
-        else:  # runs of blocks on every core, their partials joined in block order
+        else:  # runs of blocks on every core, each run folded in order, the runs joined in order
             raw = self._raw(views)
 
-            def fold_run(run: range) -> list:
-                return [
-                    self._call(self.kernel.fold, i, None, self._block(raw, s, min(end - start, s + step)),
-                               offset=start + s)
-                    for s in run
-                ]  # fmt: skip
+            def fold_run(run: range):
+                acc = None
+                for s in run:
+                    xs = self._block(raw, s, min(end - start, s + step))
+                    acc = self._call(self.kernel.fold, i, acc, xs, offset=start + s)
+                return acc
 
-            window = fold_window(self.job)
-            for partials in parallel.map_ordered(
-                fold_run, parallel.runs(range(0, end - start, step)), window
-            ):
-                for partial in partials:
-                    self.acc = self._call(self.kernel.reduce, i, self.acc, partial, offset=0)
+            runs = parallel.runs(range(0, end - start, step))
+            for partial in parallel.map_ordered(fold_run, runs, fold_window(self.job)):
+                self.acc = self._call(self.kernel.reduce, i, self.acc, partial, offset=0)
         if end == self.job.numel:
             self.stats.append(self._call(self.kernel.finish, i, self.acc, offset=0))
             self.acc = None

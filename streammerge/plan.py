@@ -418,7 +418,7 @@ def _blocks(j: Job, block: int) -> tuple[int, int]:
     if spec is not None and spec.rows(j.shared_params):
         row = j.shape[-1] if len(j.shape) >= 2 else max(j.numel, 1)
         stat = max(1, spec.stat_block // row) * row
-        return stat, stat
+        return stat, max(1, block // stat) * stat  # compute blocks: whole statistics blocks
     if passes:
         return spec.stat_block, block
     return block, block

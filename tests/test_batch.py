@@ -32,7 +32,7 @@ def input_nbytes(models: dict[str, Path]) -> int:
     return sum(t.nbytes for m in models.values() for t in open_checkpoint(m).tensors.values())
 
 
-@pytest.mark.parametrize("budget", [64 << 20, 16 << 20], ids=["resident", "chunked"])
+@pytest.mark.parametrize("budget", [64 << 20, 32 << 20], ids=["resident", "chunked"])
 def test_batch_reads_shared_inputs_once_and_matches_separate_merges(small, tmp_path, budget):
     cfgs = configs(small, tmp_path)
     members = [Member(c.stem, str(c)) for c in cfgs] + [Member("missing", str(tmp_path / "missing.yml"))]

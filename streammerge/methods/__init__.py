@@ -9,10 +9,12 @@ ask for ``ctx`` (a ``BlockContext``: tensor name, shape, block offset, seed) and
 ``state`` (a dict that lives for one pass over one tensor).
 
 Using every core without changing a bit: a kernel that gives ``reduce(i, acc, partial)
--> acc`` has its statistics blocks folded from ``None`` on all threads and the partials
-joined in block order (``acc`` is None before the first); its ``fold`` keeps no
-``state``. Combine blocks are independent, so they run one per thread at once, unless the
-kernel registers as ``ordered`` (its combine keeps ``state`` from block to block).
+-> acc`` has its statistics blocks folded in runs of consecutive blocks on all threads
+(each run from ``None``) and the runs' partials joined in order (``acc`` is None before
+the first); its ``fold`` keeps no ``state``, and must give the same bits however the blocks
+are grouped into runs (integer counts, or per-block terms summed in ``finish``). Combine
+blocks are independent, so they run one per thread at once, unless the kernel registers
+as ``ordered`` (its combine keeps ``state`` from block to block).
 
 ``get_kernel(name)`` imports the kernel modules on first use, so planning never pays
 for torch.

@@ -83,32 +83,50 @@ def _prunes(density: float | None) -> bool:
 
 def gta_fold(i: int, acc, xs, *, ctx, stats, base_index, weight, normalize, rescale=False, density=None,
              gamma=None, epsilon=None, int8_mask=False, rescale_mode="l1", **shared):  # fmt: skip
-    """Statistics pass ``i`` over one block, from nothing (``gta_reduce`` joins blocks):
-    histograms for the magnitude windows, or the L1 norms of each delta before and after
-    pruning. Block sums are fp64; a magnitude window's ties at a boundary are counted here
-    and kept or dropped in ``gta_reduce``, which sees the blocks in order."""
+    """Statistics pass ``i`` over one more block of a run: histograms for the magnitude
+    windows (counted in place), or one entry per block of L1 terms, summed in block order
+    only in ``gta_finish``, so how blocks are grouped into runs never changes a bit."""
     kind = _pass_kinds(ctx, xs[0].dtype, rescale and rescale_mode == "l1")[i]
     base = xs[base_index]
-    out = {}
+    acc = {} if acc is None else acc
     for m in _others(xs, base_index):
         if not _prunes(density[m]):
             continue
         delta = xs[m] - base
         if kind == "l1" and GTA[ctx.method].sparsifier in ("magnitude", "magnitude_outliers"):
-            out[m] = _l1_window_block(delta, ctx, stats, m)
+            acc.setdefault(m, []).append(_l1_window_block(delta, ctx, stats, m))
         elif kind == "l1":
             pruned = _sparsify(
                 delta, m, ctx, stats, None, density[m], _get(gamma, m), _get(epsilon, m), None, False
             )
-            out[m] = (_abs_sum(delta), _abs_sum(pruned))
+            acc.setdefault(m, []).append((_abs_sum(delta), _abs_sum(pruned)))
         elif kind in ("select", "select_high"):
-            out[m] = histogram(
-                magnitude_keys(delta.reshape(-1)), 16 if kind == "select_high" else 0, None, None
-            )
+            shift = 16 if kind == "select_high" else 0
+            acc[m] = histogram(magnitude_keys(delta.reshape(-1)), shift, None, acc.get(m))
         else:  # select_low: low 16 bits of the keys in each boundary's high bin
             keys = magnitude_keys(delta.reshape(-1))
-            out[m] = {high: histogram(keys, 0, high, None) for high in {b.key for b in stats[0][m]}}
-    return out
+            lows = acc.setdefault(m, {})
+            for high in {b.key for b in stats[0][m]}:
+                lows[high] = histogram(keys, 0, high, lows.get(high))
+    return acc
+
+
+def gta_reduce(i: int, acc, partial, **params):
+    """Join the next run's ``partial`` onto ``acc`` (runs arrive in order): lists of block
+    terms are concatenated, histograms added."""
+    if acc is None:
+        return partial
+    for m, part in partial.items():
+        if m not in acc:
+            acc[m] = part
+        elif isinstance(part, list):
+            acc[m].extend(part)
+        elif isinstance(part, dict):
+            for high, counts in part.items():
+                acc[m][high] += counts
+        else:
+            acc[m] += part
+    return acc
 
 
 def _abs_sum(x: torch.Tensor) -> float:
@@ -131,49 +149,28 @@ def _l1_window_block(delta, ctx, stats, m) -> tuple:
     return a.sum().item(), (a * inside).sum().item(), ties
 
 
-def gta_reduce(i: int, acc, partial, *, ctx, stats, base_index, weight, normalize, rescale=False,
-               density=None, gamma=None, epsilon=None, int8_mask=False, rescale_mode="l1", **shared):  # fmt: skip
-    """Join the next block's ``partial`` onto ``acc`` (blocks arrive in order)."""
-    kind = _pass_kinds(ctx, ctx.work_dtype, rescale and rescale_mode == "l1")[i]
-    sparsifier = GTA[ctx.method].sparsifier
-    n = int(np.prod(ctx.shape))
-    out = dict(acc or {})
-    for m, part in partial.items():
-        if kind == "l1" and sparsifier in ("magnitude", "magnitude_outliers"):
-            out[m] = _join_window(out.get(m, (0.0, 0.0, {})), part, stats[1 if key_bits(ctx.work_dtype) == 32 else 0][m],
-                                  _rank_window(sparsifier, n, density[m], _get(gamma, m) or 0.0),
-                                  sparsifier == "magnitude")  # fmt: skip
-        elif kind == "l1":
-            before, after = out.get(m, (0.0, 0.0))
-            out[m] = (before + part[0], after + part[1])
-        elif m not in out:
-            out[m] = part
-        elif kind in ("select", "select_high"):
-            out[m] = out[m] + part
-        else:
-            out[m] = {high: out[m][high] + counts for high, counts in part.items()}
-    return out
-
-
-def _join_window(acc: tuple, part: tuple, boundaries, window, earliest_high: bool) -> tuple:
-    """L1 terms of a magnitude window so far, with the next block's: its boundary ties are
-    kept by their position among all ties of that key in element order (as ``keep_window``
-    keeps them in the combine pass)."""
-    before, after, seen = acc
-    seen = dict(seen)
-    for key, (count, value) in part[2].items():
-        b = next(b for b in boundaries if b.key == key)
-        first = seen.get(key, 0)
-        # tie number p ranks below + p ascending, or below + equal - 1 - p with earliest_high
-        if earliest_high:
-            top = b.below + b.equal - 1
-            lo_p, hi_p = top - window[1] + 1, top - window[0] + 1
-        else:
-            lo_p, hi_p = window[0] - b.below, window[1] - b.below
-        kept = max(0, min(hi_p, first + count) - max(lo_p, first))
-        after += kept * value
-        seen[key] = first + count
-    return before + part[0], after + part[1], seen
+def _window_l1(blocks: list, boundaries, window, earliest_high: bool) -> tuple[float, float]:
+    """sum |delta| and sum |kept delta| of a magnitude window from its blocks' terms, in
+    block order: boundary ties are kept by their position among all ties of that key in
+    element order, as ``keep_window`` keeps them in the combine pass."""
+    before = after = 0.0
+    seen: dict[int, int] = {}
+    for block_before, inside, ties in blocks:
+        kept_ties = 0.0
+        for key, (count, value) in ties.items():
+            b = next(b for b in boundaries if b.key == key)
+            first = seen.get(key, 0)
+            # tie number p ranks below + p ascending, or below + equal - 1 - p with earliest_high
+            if earliest_high:
+                top = b.below + b.equal - 1
+                lo_p, hi_p = top - window[1] + 1, top - window[0] + 1
+            else:
+                lo_p, hi_p = window[0] - b.below, window[1] - b.below
+            kept_ties += max(0, min(hi_p, first + count) - max(lo_p, first)) * value
+            seen[key] = first + count
+        before += block_before
+        after += inside + kept_ties
+    return before, after
 
 
 def gta_finish(i: int, acc, *, ctx, stats, base_index, weight, normalize, rescale=False,
@@ -184,16 +181,22 @@ def gta_finish(i: int, acc, *, ctx, stats, base_index, weight, normalize, rescal
     sparsifier = GTA[ctx.method].sparsifier
     out = {}
     for m, counts in (acc or {}).items():
+        window = _rank_window(sparsifier, n, density[m], _get(gamma, m) or 0.0)
         if kind == "l1":
-            work = (
-                _work_dtype(ctx.work_dtype) if sparsifier in ("random", "della_magprune") else ctx.work_dtype
-            )
-            before, after = (torch.tensor(v, dtype=work) for v in counts[:2])
+            if sparsifier in ("magnitude", "magnitude_outliers"):
+                boundaries = stats[1 if key_bits(ctx.work_dtype) == 32 else 0][m]
+                sums = _window_l1(counts, boundaries, window, sparsifier == "magnitude")
+                work = ctx.work_dtype
+            else:
+                sums = (0.0, 0.0)
+                for block in counts:  # in block order
+                    sums = (sums[0] + block[0], sums[1] + block[1])
+                work = _work_dtype(ctx.work_dtype)
+            before, after = (torch.tensor(v, dtype=work) for v in sums)
             ok = bool(before >= RESCALE_EPS) and bool(after >= RESCALE_EPS)
             out[m] = before / after if ok else None
             continue
-        lo, hi = _rank_window(sparsifier, n, density[m], _get(gamma, m) or 0.0)
-        ranks = (lo, max(lo, hi - 1))
+        ranks = (window[0], max(window[0], window[1] - 1))
         if kind == "select":
             out[m] = tuple(Boundary(*locate(counts, r)) for r in ranks)
         elif kind == "select_high":
@@ -280,7 +283,7 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
     deltas = base.new_empty((len(others), *base.shape))  # (n_models, *block)
     by_density = rescale and rescale_mode == "density"
 
-    def prune(lo: int, hi: int) -> None:
+    def prune(lo: int, hi: int, state: dict = state) -> None:
         part = ctx if lo == 0 and hi == base.numel() else dataclasses.replace(ctx, offset=ctx.offset + lo)
         for row, m in enumerate(others):
             delta = xs[m].reshape(-1)[lo:hi] - base.reshape(-1)[lo:hi]
@@ -290,7 +293,10 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
             deltas[row].view(-1)[lo:hi] = delta
 
     if preset.sparsifier in ("magnitude", "magnitude_outliers"):
-        prune(0, base.numel())  # ties at the threshold are counted in element order
+        # ties at the threshold are kept in element order: each part starts from the ties
+        # counted in the block's earlier parts
+        part_states = _tie_offsets(xs, base, others, density, stats, ctx, state)
+        parallel.run(lambda lo, hi: prune(lo, hi, part_states[lo]), base.numel())
     else:  # elementwise (keyed random masks), or whole rows for della
         parallel.run(prune, base.numel(), ctx.row if preset.sparsifier == "della_magprune" else 1)
     weights = [weight[m] for m in others]
@@ -306,6 +312,33 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
         )
         return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(base.shape)
     return combine_eager(base, deltas, weights, preset.consensus, normalize, lam)
+
+
+def _tie_offsets(xs, base, others, density, stats, ctx, state) -> dict[int, dict]:
+    """For each part ``parallel.run`` will cut this block into (by its first element): a
+    ``state`` whose per-model ``seen`` counts the boundary ties before that part, from
+    ``state`` (the earlier blocks). ``state`` moves on past the whole block."""
+    boundaries = {
+        m: stats[1 if key_bits(ctx.work_dtype) == 32 else 0][m] for m in others if _prunes(density[m])
+    }
+
+    def count(lo: int, hi: int) -> dict:
+        counts = {}
+        for m, (b_lo, b_hi) in boundaries.items():
+            keys = magnitude_keys_np(xs[m].reshape(-1)[lo:hi] - base.reshape(-1)[lo:hi])
+            counts[m] = {key: int(np.count_nonzero(keys == key)) for key in {b_lo.key, b_hi.key}}
+        return lo, counts
+
+    if len(parallel.ranges(base.numel())) == 1:
+        return {0: state}
+    offsets = {}
+    for lo, counts in parallel.run(count, base.numel()):
+        offsets[lo] = {("seen", m): dict(state.get(("seen", m), {})) for m in boundaries}
+        for m, per_key in counts.items():
+            seen = state.setdefault(("seen", m), {})
+            for key, n in per_key.items():
+                seen[key] = seen.get(key, 0) + n
+    return offsets
 
 
 def combine_eager(base, deltas, weights, consensus, normalize, lam, weighted_election=True):

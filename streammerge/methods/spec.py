@@ -137,6 +137,9 @@ def _gta_spec(name: str, preset: GTAPreset) -> MethodSpec:
         params.append(Param("epsilon", float, Scope.NON_BASE, 0.15, minimum=0.0, maximum=1.0))
     return MethodSpec(
         name, tuple(params), requires_base=True, scratch_per_input=3, scratch_fixed=4,
+        # 256K-element statistics blocks: large enough that two threads' numpy calls do not
+        # queue on the GIL (64K: no gain from a second core); della's are whole rows
+        stat_block=1 << 16 if preset.sparsifier == "della_magprune" else 1 << 18,
         passes=_gta_passes(preset), rows=lambda shared, p=preset: p.sparsifier == "della_magprune",
         random=preset.sparsifier in ("random", "della_magprune"), summary=preset.summary,
     )  # fmt: skip
