@@ -31,6 +31,7 @@ unweighted`` elects signs from the pruned deltas before weighting (TIES paper, �
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -245,18 +246,12 @@ def _sparsify(delta, m, ctx, stats, state, density, gamma, epsilon, factor, by_d
         if density <= 0:
             return torch.zeros_like(delta)
         u = uniform(key, ctx.offset, d.numel())
-        rows = d.reshape(-1, ctx.row)
-        # ranks of |delta| within each row, ties by position (a stable sort); numpy sorts
-        # 16-bit keys by radix, 10x faster than torch.sort
-        order = np.argsort(select.magnitude_keys_np(rows).reshape(rows.shape), axis=1, kind="stable")
-        ranks = np.empty_like(order)
-        np.put_along_axis(ranks, order, np.broadcast_to(np.arange(rows.shape[1]), order.shape), axis=1)
-        ranks = torch.from_numpy(ranks).to(work) + 1
-        lo_r, hi_r = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
-        rank_norm = ((ranks - lo_r) / (hi_r - lo_r)).clamp(0, 1)
-        probs = (density - epsilon) + rank_norm * 2 * epsilon
-        mask = (u.reshape(rows.shape) < probs.float().numpy()).reshape(-1)  # both exact in fp32
-        keep_p = probs.reshape(-1)  # DELLA (Deep et al. 2024, §3.1): each kept delta / its p_i
+        ranks = _row_ranks(d.reshape(-1, ctx.row))
+        table, table_work = _della_probs(ctx.row, density, epsilon, work)
+        mask = u < table[ranks]  # both exact in fp32
+        keep_p = table_work[
+            torch.from_numpy(ranks)
+        ]  # DELLA (Deep et al. 2024, §3.1): each kept delta / its p_i
     masked = apply_mask(d, mask)  # = d * mask in the work dtype, bit for bit
     if by_density:  # a dropped element is a zero; p = 0 only where nothing is kept
         keep_p = torch.as_tensor(keep_p, dtype=work, device=masked.device)
@@ -264,6 +259,34 @@ def _sparsify(delta, m, ctx, stats, state, density, gamma, epsilon, factor, by_d
     elif factor is not None:
         masked = masked * factor
     return masked.to(delta.dtype)
+
+
+def _row_ranks(rows: torch.Tensor) -> np.ndarray:
+    """Flat ascending rank of each |element| within its row, ties by position (a stable
+    sort); numpy sorts 16-bit keys by radix, 10x faster than torch.sort."""
+    n_rows, row = rows.shape
+    order = np.argsort(select.magnitude_keys_np(rows).reshape(rows.shape), axis=1, kind="stable")
+    index = np.int32 if rows.numel() < 2**31 else np.int64
+    order = order.astype(index, copy=False)
+    order += (np.arange(n_rows, dtype=index) * row)[:, None]
+    ranks = np.empty(rows.numel(), index)
+    ranks[order] = np.arange(row, dtype=index)  # the inverse permutation, row by row
+    return ranks
+
+
+@functools.lru_cache(maxsize=64)
+def _della_probs(
+    row: int, density: float, epsilon: float, work: torch.dtype
+) -> tuple[np.ndarray, torch.Tensor]:
+    """Keep probability of the element of each rank in a row of ``row``, by mergekit's
+    ops in the work dtype: ranks 1..row, rescaled by the row's min and max rank to [0, 1],
+    then density ± epsilon. Every row holds each rank once, so its min and max are those
+    of ``arange``, and the table is exact for any row. (fp32 copy, work-dtype copy)."""
+    ranks = (torch.arange(row).to(work) + 1).reshape(1, -1)
+    lo_r, hi_r = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - lo_r) / (hi_r - lo_r)).clamp(0, 1)
+    probs = ((density - epsilon) + rank_norm * 2 * epsilon).reshape(-1)
+    return probs.float().numpy(), probs
 
 
 def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, density=None,
