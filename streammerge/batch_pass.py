@@ -2,8 +2,9 @@
 side by side, every member's own writes.
 
 A reader thread reads each chunk of the union of the group's inputs once into one of two
-read sets; the calling thread hands the chunk to every member that needs it, and a writer
-thread writes the members' output chunks. Members compute side by side on ``workers``
+read sets; the calling thread hands the chunk to every member that needs it, and writer
+threads (one per compute thread, each owning some members) hash and write the members'
+output chunks in order. Members compute side by side on ``workers``
 threads that each run torch single-threaded (a member's steps run in order, one at a time;
 another member's steps fill the other cores), so K members cost K single-threaded kernel
 runs spread over the cores rather than K fork/join runs that each wait for the slowest
@@ -51,6 +52,7 @@ class Slot:
     error: str | None = None
     run: _JobRun | None = None
     free: queue.Queue = field(default_factory=queue.Queue)  # its two write buffers
+    to_write: queue.Queue | None = None  # its writer thread's queue (shared with others)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +174,11 @@ def run_group(
     for _ in range(2):
         free_reads.put(np.empty(read_set_nbytes, np.uint8))
     ready: queue.Queue = queue.Queue(maxsize=2)
-    to_write: queue.Queue = queue.Queue(maxsize=2 * len(slots))
+    # As many writer threads as compute threads: each hashes and writes its members'
+    # chunks in order (hashlib and pwrite release the GIL, so K outputs hash side by side).
+    to_write = [queue.Queue(maxsize=2 * len(slots)) for _ in range(workers)]
+    for i, s in enumerate(slots):
+        s.to_write = to_write[i % workers]
     stop = threading.Event()
     read_bucket, write_bucket = io.buckets()
     counted = [0]
@@ -206,8 +212,8 @@ def run_group(
         finally:
             reader.close()
 
-    def writer_loop() -> None:
-        while (entry := _get(to_write, stop)) is not None:
+    def writer_loop(mine: queue.Queue) -> None:
+        while (entry := _get(mine, stop)) is not None:
             slot, job, start, end, buf, nbytes = entry
             if slot.error is None:
                 try:
@@ -221,9 +227,10 @@ def run_group(
             if write_bucket is not None:
                 write_bucket.take(nbytes)
 
-    threads_ = [
-        threading.Thread(target=reader_loop, name="sm-batch-reader", daemon=True),
-        threading.Thread(target=writer_loop, name="sm-batch-writer", daemon=True),
+    threads_ = [threading.Thread(target=reader_loop, name="sm-batch-reader", daemon=True)]
+    threads_ += [
+        threading.Thread(target=writer_loop, args=(q,), name=f"sm-batch-writer-{i}", daemon=True)
+        for i, q in enumerate(to_write)
     ]
     for t in threads_:
         t.start()
@@ -232,7 +239,7 @@ def run_group(
         while (got := _get(ready, stop)) is not None:
             item, rbuf, views = got
             lanes = [
-                _steps(slot, job, item, [views[_key(r)] for r in job.inputs], to_write, stop)
+                _steps(slot, job, item, [views[_key(r)] for r in job.inputs], stop)
                 for slot, job in item.jobs
                 if slot.error is None
             ]
@@ -240,8 +247,10 @@ def run_group(
             free_reads.put(rbuf)
         if errors:
             raise errors[0]
-        _put(to_write, None, stop)
-        threads_[1].join()
+        for q in to_write:
+            _put(q, None, stop)
+        for t in threads_[1:]:
+            t.join()
         if errors:
             raise errors[0]
     finally:
@@ -252,7 +261,7 @@ def run_group(
     return counted[0]
 
 
-def _steps(slot: Slot, job: Job, item: _Read, views, to_write: queue.Queue, stop) -> list[Callable]:
+def _steps(slot: Slot, job: Job, item: _Read, views, stop) -> list[Callable]:
     """One member's work on one read, as steps to run in order: statistics folds or
     combines over whole blocks of about STEP_ELEMS elements (the same bytes as one call
     over the chunk: blocks stay aligned to the tensor start), the write at the end."""
@@ -292,7 +301,7 @@ def _steps(slot: Slot, job: Job, item: _Read, views, to_write: queue.Queue, stop
                 run.fold(i, views, s, e)
         run.combine(sub(s, e), s, held[0][(s - item.start) * size : (e - item.start) * size])
         if e == item.end:
-            _put(to_write, (slot, job, item.start, item.end, held[0], nbytes), stop)
+            _put(slot.to_write, (slot, job, item.start, item.end, held[0], nbytes), stop)
 
     return [lambda s=s, e=e: step(s, e) for s, e in parts]
 
