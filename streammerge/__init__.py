@@ -23,6 +23,7 @@ The package reads like the pipeline (DESIGN.md §1)::
     shards      one output shard as a task: temp file, done-marker, plan files, finalize
     backends    where shard tasks run (inline, processes, ray) and the driver that retries
     batch       K merges over shared inputs in one read pass (sweeps expand into members)
+      batch_pass  a group's read pass: shared reads, members side by side, their writes
     polite      --max-read-rate/--max-write-rate token buckets, --io-nice
     cli         click commands: parse -> one library call -> render (cli_many: batch,
                 run-shard, finalize)

@@ -6,51 +6,32 @@ tensors in the same order form a group. For every tensor the group reads the uni
 its members' inputs once per chunk, and every member merges that chunk into its own
 output, so K merges cost one read of the inputs plus K writes. One ``max_memory`` bounds
 the whole batch: two read sets of the union, two write buffers per member, and one
-compute scratch (members merge one after another on the same cores). Output bytes are
-those of ``streammerge merge`` on each config alone: kernels are chunk-independent.
+compute scratch per compute thread (members merge side by side, ``streammerge.batch_pass``).
+Output bytes are those of ``streammerge merge`` on each config alone: kernels are
+chunk-, block- and thread-count independent.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import queue
 import shutil
-import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .checkpoint import Reader
+from .batch_pass import Slot, run_group
 from .config import MergeConfig, from_dict, load_config
-from .derive import read_derived
-from .errors import BudgetError, ConfigError, OutputError, StreamMergeError
-from .execute import ALL, COMBINE, MergeSummary, _device, _get, _JobRun, _put, _schedule_job, peak_rss
-from .header import ITEMSIZE
-from .methods import SPECS
-from .plan import (
-    BLOCK_ELEMS,
-    COPY,
-    DEFAULT_SHARD_NBYTES,
-    HEAP_SLACK_WORDS,
-    MIN_BLOCK_ELEMS,
-    Job,
-    Plan,
-    _streaming,
-    default_max_memory,
-    make_plan,
-)  # fmt: skip
+from .errors import ConfigError, OutputError, StreamMergeError
+from .execute import MergeSummary, _device, peak_rss
+from .plan import DEFAULT_SHARD_NBYTES, Plan, default_max_memory, make_plan
 from .polite import UNLIMITED, IoLimits, be_nice
 from .write import OutputWriter
 
 log = logging.getLogger(__name__)
-
-_ALIGN = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,21 +109,6 @@ class BatchSummary:
         return rows
 
 
-@dataclass
-class _Slot:
-    """A member while the batch runs."""
-
-    name: str
-    plan: Plan
-    writer: OutputWriter
-    dev: torch.device
-    started: float
-    start_rss: int
-    error: str | None = None
-    run: _JobRun | None = None
-    free: queue.Queue = field(default_factory=queue.Queue)  # its two write buffers
-
-
 def run_batch(
     members: list[Member],
     out_root: str | os.PathLike,
@@ -199,11 +165,11 @@ def run_batch(
             except StreamMergeError as e:
                 fail(name, e)
                 continue
-            slots.append(_Slot(name, plans[name], writer, dev, time.perf_counter(), _rss()))
+            slots.append(Slot(name, plans[name], writer, dev, time.perf_counter(), _rss()))
         if not slots:
             continue
         try:
-            read_total += _run_group(slots, budget, dev, io, fail_fast)
+            read_total += run_group(slots, budget, io, fail_fast, threads)
         except BaseException as e:
             for s in slots:
                 _discard(s.writer)
@@ -231,7 +197,7 @@ def run_batch(
     )
 
 
-def _summary(s: _Slot, root: Path) -> MergeSummary:
+def _summary(s: Slot, root: Path) -> MergeSummary:
     p = s.plan
     return MergeSummary(
         str(root / s.name), p.estimate.write_nbytes, p.estimate.read_nbytes, time.perf_counter() - s.started,
@@ -239,210 +205,10 @@ def _summary(s: _Slot, root: Path) -> MergeSummary:
     )  # fmt: skip
 
 
-@dataclass(frozen=True, slots=True)
-class _Read:
-    """One read of a group: chunk ``[start, end)`` of ``refs`` for ``jobs`` (slot, job)."""
-
-    jobs: tuple
-    refs: tuple
-    phase: int
-    start: int
-    end: int
-
-
-def _streams(slots: list[_Slot], budget: int):
-    """Fit the group into ``budget``; returns (tensors, read set bytes), where tensors is
-    a list of (slot, job) lists, one per output tensor, with jobs re-chunked to a common
-    chunk where their blocks allow (else each job streams on its own)."""
-    columns = list(zip(*(s.plan.jobs for s in slots)))  # per tensor: one job per member
-
-    def words(j: Job) -> int:
-        spec = SPECS.get(j.method)
-        return 0 if j.method == COPY else spec.scratch_per_input * len(j.inputs) + spec.scratch_fixed
-
-    scratch_words = max((words(j) for col in columns for j in col), default=0)
-    block = BLOCK_ELEMS
-    while block > MIN_BLOCK_ELEMS and block * 4 * (scratch_words + HEAP_SLACK_WORDS) > budget // 4:
-        block //= 2
-    scratch = block * 4 * (scratch_words + HEAP_SLACK_WORDS) if scratch_words else 0
-    per_elem = max(
-        (2 * _in_item(col) + 2 * sum(ITEMSIZE[j.out_dtype] for j in col) for col in columns), default=1
-    )
-    chunk = (budget - scratch) // per_elem // block * block
-    if chunk < block:
-        need = scratch + block * per_elem
-        raise BudgetError(
-            f"--max-memory {budget} bytes is too small for this batch; it needs at least {need}"
-        )
-    tensors, read_set = [], 0
-    for col in columns:
-        jobs = [_streaming(j, chunk, block, budget) for j in col]
-        common = min(j.chunk_elems for j in jobs)
-        unit = math.lcm(*(max(j.stat_block_elems, j.block_elems) for j in jobs))
-        if jobs[0].numel > common:
-            common = common // unit * unit
-        if common:
-            jobs = [replace(j, chunk_elems=common) for j in jobs]
-        tensors.append((bool(common), list(zip(slots, jobs))))
-        read_set = max(read_set, min(chunk, jobs[0].numel) * _in_item(col) + _ALIGN * len(_union(col)))
-    return tensors, read_set
-
-
-def _key(ref) -> tuple:
-    """Inputs are the same bytes when they read the same range the same way."""
-    return ref.path, ref.offset, ref.dtype, ref.derive
-
-
 def _discard(writer: OutputWriter) -> None:
     """Drop a failed member's partial output (a batch has no --resume)."""
     writer.suspend()
     shutil.rmtree(writer.partial, ignore_errors=True)
-
-
-def _in_item(col) -> int:
-    return sum(ITEMSIZE[r.dtype] for r in _union(col))
-
-
-def _union(jobs) -> tuple:
-    """The distinct input tensors of ``jobs``, in first-use order."""
-    seen: dict = {}
-    for j in jobs:
-        for r in j.inputs:
-            seen.setdefault(_key(r), r)
-    return tuple(seen.values())
-
-
-def _reads(tensors):
-    """Every read of the group, in file order: shared tensors once per pass for all of
-    their members; a tensor whose members cannot share a chunking, once per member."""
-    for shared, pairs in tensors:
-        if not shared:
-            for slot, job in pairs:
-                for _, phase, start, end in _schedule_job(job):
-                    yield _Read(((slot, job),), job.inputs, phase, start, end)
-            continue
-        job = pairs[0][1]
-        passes = max(j.passes for _, j in pairs)
-        n, step = job.numel, job.chunk_elems
-        ranges = [(s, min(n, s + step)) for s in range(0, max(n, 1), step)]
-        if passes and job.resident:
-            yield _Read(tuple(pairs), _union(j for _, j in pairs), ALL, 0, n)
-            continue
-        for phase in [*range(passes), COMBINE]:
-            active = tuple((s, j) for s, j in pairs if phase == COMBINE or j.passes > phase)
-            refs = _union(j for _, j in active)
-            for start, stop in ranges:
-                yield _Read(active, refs, phase, start, stop)
-
-
-def _run_group(slots: list[_Slot], budget: int, dev: torch.device, io: IoLimits, fail_fast: bool) -> int:
-    """Run one group's shared reads; returns the input bytes read."""
-    tensors, read_set_nbytes = _streams(slots, budget)
-    for s in slots:
-        size = max(
-            min(j.chunk_elems, j.numel) * ITEMSIZE[j.out_dtype]
-            for _, pairs in tensors
-            for t, j in pairs
-            if t is s
-        )
-        for _ in range(2):
-            s.free.put(np.empty(size, np.uint8))
-    free_reads: queue.Queue = queue.Queue()
-    for _ in range(2):
-        free_reads.put(np.empty(read_set_nbytes, np.uint8))
-    ready: queue.Queue = queue.Queue(maxsize=2)
-    to_write: queue.Queue = queue.Queue(maxsize=2 * len(slots))
-    stop = threading.Event()
-    read_bucket, write_bucket = io.buckets()
-    counted = [0]
-    errors: list[BaseException] = []
-
-    def reader_loop() -> None:
-        reader = Reader()
-        try:
-            for item in _reads(tensors):
-                buf = _get(free_reads, stop)
-                if buf is None:
-                    return
-                views, offset = {}, 0
-                for ref in item.refs:
-                    nbytes = (item.end - item.start) * ITEMSIZE[ref.dtype]
-                    view = buf[offset : offset + nbytes]
-                    if ref.derive is None:
-                        reader.read(ref, item.start, item.end, memoryview(view))
-                    else:
-                        read_derived(reader, ref, item.start, item.end, view)
-                    views[_key(ref)] = view
-                    offset += -(-nbytes // _ALIGN) * _ALIGN
-                    counted[0] += nbytes
-                    if read_bucket is not None:
-                        read_bucket.take(nbytes)
-                _put(ready, (item, buf, views), stop)
-            _put(ready, None, stop)
-        except BaseException as e:
-            errors.append(e)
-            stop.set()
-        finally:
-            reader.close()
-
-    def writer_loop() -> None:
-        while (entry := _get(to_write, stop)) is not None:
-            slot, job, start, end, buf, nbytes = entry
-            if slot.error is None:
-                try:
-                    slot.writer.write_chunk(job, start, end, memoryview(buf)[:nbytes])
-                except (StreamMergeError, OSError) as e:
-                    slot.error = str(e)
-                    if fail_fast:
-                        errors.append(e)
-                        stop.set()
-            slot.free.put(buf)
-            if write_bucket is not None:
-                write_bucket.take(nbytes)
-
-    threads = [
-        threading.Thread(target=reader_loop, name="sm-batch-reader", daemon=True),
-        threading.Thread(target=writer_loop, name="sm-batch-writer", daemon=True),
-    ]
-    for t in threads:
-        t.start()
-    try:
-        while (got := _get(ready, stop)) is not None:
-            item, rbuf, views = got
-            for slot, job in item.jobs:
-                if slot.error is None:
-                    _merge_chunk(slot, job, item, [views[_key(r)] for r in job.inputs], to_write, stop)
-            free_reads.put(rbuf)
-        if errors:
-            raise errors[0]
-        _put(to_write, None, stop)
-        threads[1].join()
-        if errors:
-            raise errors[0]
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=10)
-    return counted[0]
-
-
-def _merge_chunk(slot: _Slot, job: Job, item: _Read, views, to_write: queue.Queue, stop) -> None:
-    if slot.run is None or slot.run.job is not job:
-        slot.run = _JobRun(job, slot.plan.seed, slot.dev)
-    run = slot.run
-    if item.phase >= 0:
-        if job.passes > item.phase:
-            run.fold(item.phase, views, item.start, item.end)
-        return
-    if item.phase == ALL:
-        for i in range(job.passes):
-            run.fold(i, views, item.start, item.end)
-    buf = _get(slot.free, stop)
-    if buf is None:
-        return
-    nbytes = (item.end - item.start) * ITEMSIZE[job.out_dtype]
-    run.combine(views, item.start, buf[:nbytes])
-    _put(to_write, (slot, job, item.start, item.end, buf, nbytes), stop)
 
 
 def _rss() -> int:
