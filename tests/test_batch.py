@@ -33,7 +33,8 @@ def input_nbytes(models: dict[str, Path]) -> int:
     return sum(t.nbytes for m in models.values() for t in open_checkpoint(m).tensors.values())
 
 
-@pytest.mark.parametrize("budget", [64 << 20, 32 << 20], ids=["resident", "chunked"])
+# 2 compute threads, each with its own scratch for 256K-element statistics blocks
+@pytest.mark.parametrize("budget", [256 << 20, 64 << 20], ids=["resident", "chunked"])
 def test_batch_reads_shared_inputs_once_and_matches_separate_merges(small, tmp_path, budget):
     cfgs = configs(small, tmp_path)
     members = [Member(c.stem, str(c)) for c in cfgs] + [Member("missing", str(tmp_path / "missing.yml"))]
@@ -47,7 +48,7 @@ def test_batch_reads_shared_inputs_once_and_matches_separate_merges(small, tmp_p
         separate_reads += one.read_nbytes
         assert tree(tmp_path / "batch" / c.stem) == tree(tmp_path / f"one-{c.stem}"), c.stem
     once = input_nbytes(small)
-    if budget == 64 << 20:  # every tensor fits one chunk: each input byte is read exactly once
+    if budget == 256 << 20:  # every tensor fits one chunk: each input byte is read exactly once
         assert summary.read_nbytes == once
         assert separate_reads == 3 * once
     else:  # chunked: ties re-reads its inputs for its statistics passes, linear shares them
