@@ -16,7 +16,7 @@ Fixed seeds, ``torch.use_deterministic_algorithms`` and a fixed thread count: tw
 the same machine write the same table. Normalized accuracy = merged / the fine-tune's own
 accuracy on its skill. Needs only torch (matplotlib for ``--plot``, extra ``bench``).
 
-    .venv/bin/python tools/capability.py run --out cap-out --plot      # full: ~260 s CPU
+    .venv/bin/python tools/capability.py run --out cap-out --plot      # full: ~400 s CPU
     .venv/bin/python tools/capability.py run --out cap-quick --quick   # CI-sized: ~1 min
     .venv/bin/python tools/capability.py score cap-out/merged/ties --split val
 """
@@ -322,8 +322,9 @@ def plot_chart(report: Report, path: Path) -> None:
         ax.bar(xs, [100 * r["acc"][skill] for r in rows], width, label=skill)
     ax.set_xticks(range(len(rows)), [r["model"] for r in rows], rotation=30, ha="right")
     ax.set_ylabel("exact-match accuracy on test (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(ncols=len(SKILL_NAMES), loc="upper left")
+    ax.set_ylim(0, 118)  # room above the 100% bars for the legend
+    ax.set_yticks(range(0, 101, 20))
+    ax.legend(ncols=len(SKILL_NAMES), loc="upper center")
     ax.set_title("Skills kept by each merge of three fine-tunes (tools/capability.py)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
