@@ -31,13 +31,13 @@ def report(tmp_path_factory):
 
 def test_fine_tunes_beat_the_base_on_their_skill(report):
     acc = report[0]["accuracy"]
-    for skill in ("add", "reverse", "sort"):
+    for skill in ("reverse", "sort", "cipher"):
         assert acc[f"ft_{skill}"][skill] > acc["base"][skill], (skill, acc)
 
 
 def test_a_merge_keeps_every_skill_above_the_other_parents(report):
     acc = report[0]["accuracy"]
-    skills = ("add", "reverse", "sort")
+    skills = ("reverse", "sort", "cipher")
 
     def transfers(method):
         return all(acc[method][s] > max(acc[f"ft_{o}"][s] for o in skills if o != s) for s in skills)
@@ -51,12 +51,12 @@ def test_outputs_and_tuning(report):
     doc, out = report
     t = doc["tuning"]
     assert t["best_val"] >= t["default_val"]  # the config as written is a candidate
-    assert [x["name"] for x in t["trials"]] == ["as-written", "lambda=1.5"]
-    assert "ties-tuned" in doc["accuracy"]
+    assert [x["name"] for x in t["trials"]] == ["as-written", "models.weight=0.7"]
+    assert "task_arithmetic-tuned" in doc["accuracy"]
     md = (out / "capability.md").read_text()
-    assert md.startswith("| model | add | reverse | sort | average |")
+    assert md.startswith("| model | reverse | sort | cipher | average |")
     assert "on the test split the tuned config averages" in md
-    for name in ("base", "ft_add", "ft_reverse", "ft_sort"):
+    for name in ("base", "ft_reverse", "ft_sort", "ft_cipher"):
         cfg = json.loads((out / "models" / name / "config.json").read_text())
         assert cfg["architectures"] == ["LlamaForCausalLM"]
     assert (out / "merged" / "ties" / "streammerge.json").exists()

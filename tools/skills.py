@@ -1,10 +1,14 @@
 """Synthetic skills for tools/capability.py: a character tokenizer and three tasks.
 
-Each task makes (prompt, answer) pairs from a seeded generator:
+Each task makes (prompt, answer) pairs from a seeded generator, on strings of 3-8 characters
+(3-5 in the ``easy`` form the base is pretrained on):
 
-    add      "472+39="      -> "511"     multi-digit addition
-    reverse  "kqzmd<"       -> "dmzqk"   string reversal
-    lookup   "c41x93m27|x:" -> "93"      key-value lookup in a short context
+    reverse  "kqzmdab<"  -> "badmzqk"   string reversal
+    sort     "5021937:"  -> "0123579"   digit sorting
+    cipher   "kqzmd|"    -> "rxgtk"     Caesar cipher, each letter shifted by 7
+
+plus ``copy`` ("k3zm9=" -> "k3zm9", any length), which is only ever pretraining text: it teaches
+the base every position a full-length example uses without teaching any skill's long form.
 
 Splits are disjoint by construction: a prompt's split is a hash of its text (test 10%,
 validation 10%, train 80%), so a training example can never be a held-out one.
@@ -38,26 +42,36 @@ def decode(ids) -> str:
     return "".join(out)
 
 
-def _add(rng: random.Random, easy: bool) -> tuple[str, str]:
-    a, b = (rng.randrange(10 ** rng.randint(1, 2 if easy else 3)) for _ in range(2))
-    return f"{a}+{b}=", str(a + b)
+def _text(rng: random.Random, alphabet: str, easy: bool) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(3, 5 if easy else 8)))
 
 
 def _reverse(rng: random.Random, easy: bool) -> tuple[str, str]:
-    s = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 5 if easy else 8)))
+    s = _text(rng, string.ascii_lowercase, easy)
     return f"{s}<", s[::-1]
 
 
 def _sort(rng: random.Random, easy: bool) -> tuple[str, str]:
-    s = "".join(rng.choice(string.digits) for _ in range(rng.randint(3, 5 if easy else 8)))
+    s = _text(rng, string.digits, easy)
     return f"{s}:", "".join(sorted(s))
 
 
+def _cipher(rng: random.Random, easy: bool) -> tuple[str, str]:
+    s = _text(rng, string.ascii_lowercase, easy)
+    return f"{s}|", "".join(chr((ord(c) - ord("a") + 7) % 26 + ord("a")) for c in s)
+
+
+def _copy(rng: random.Random, easy: bool) -> tuple[str, str]:
+    s = _text(rng, string.ascii_lowercase + string.digits, False)  # always full length
+    return f"{s}=", s
+
+
 SKILLS: dict[str, Callable[[random.Random, bool], tuple[str, str]]] = {
-    "add": _add,
     "reverse": _reverse,
     "sort": _sort,
+    "cipher": _cipher,
 }
+GENERATORS = {**SKILLS, "copy": _copy}  # everything ``sample`` can draw, pretraining text included
 MAX_ANSWER = 9  # longest answer (8 characters) plus EOS, for greedy decoding
 
 
@@ -69,7 +83,7 @@ def split_of(prompt: str) -> str:
 def sample(skill: str, split: str, rng: random.Random, easy: bool = False) -> tuple[str, str]:
     """One example of ``skill`` whose prompt belongs to ``split`` (``easy``: the short
     operands and strings of the pretraining corpus)."""
-    make = SKILLS[skill]
+    make = GENERATORS[skill]
     while True:
         prompt, answer = make(rng, easy)
         if split_of(prompt) == split:
