@@ -475,7 +475,7 @@ class _JobRun:
             else 1
         )
         step = max(block // threads, parallel.MIN_PART) // unit * unit
-        if step == 0:
+        if step == 0 or block // step < 2:  # too small to split: the plan's block, in order
             return block, 1
         return step, min(threads, block // step)
 

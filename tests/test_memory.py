@@ -117,3 +117,28 @@ def test_bin_f8_and_adapter_inputs_stay_within_the_budget(other_formats, tmp_pat
     print({k: round(v / 2**20, 1) for k, v in got.items()}, "MiB")
     assert got["estimate"] <= budget
     assert growth <= budget + SLACK, {k: v / 2**20 for k, v in got.items()}
+
+
+@pytest.mark.parametrize("budget", [12 << 20, 24 << 20, 64 << 20, 1 << 30])
+def test_combine_never_runs_blocks_larger_than_the_plan_counts(small, tmp_path, budget):
+    """Combine blocks run one per thread only when the plan's block splits into several;
+    otherwise the plan's own block (a larger one would use scratch the plan never counted)."""
+    import torch
+
+    from conftest import linear_config, write_config
+    import streammerge
+    from streammerge.execute import _JobRun
+
+    cfg = write_config(tmp_path / "m.yml", linear_config(small))
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for job in streammerge.plan(cfg, max_memory=budget).jobs:
+            run = _JobRun(job, 0, torch.device("cpu"))
+            if run.copy:
+                continue
+            step, window = run._combine_step()
+            assert step <= job.block_elems, (job.name, step, job.block_elems)
+            assert window >= 2 or step == job.block_elems, (job.name, step, window)
+    finally:
+        torch.set_num_threads(old)
