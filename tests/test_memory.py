@@ -124,8 +124,8 @@ def test_combine_never_runs_blocks_larger_than_the_plan_counts(small, tmp_path, 
     """Combine blocks run one per thread only when the plan's block splits into several;
     otherwise the plan's own block (a larger one would use scratch the plan never counted)."""
     import torch
-
     from conftest import linear_config, write_config
+
     import streammerge
     from streammerge.execute import _JobRun
 
