@@ -19,9 +19,10 @@ Deliberate differences, each because mergekit's choice depends on the machine or
 - DARE and DELLA masks come from a keyed counter generator (``rng``), keyed by (seed,
   tensor, model), not torch's global generator: the same in distribution, identical for
   any chunking, thread count or order; DELLA ranks use a stable sort;
-- L1 rescale norms are summed in fp64 over fixed 64K-element blocks, then rounded to the
-  work dtype (mergekit: torch's whole-tensor sum), so a rescale factor can differ in the
-  last bit.
+- L1 rescale norms are summed in fp64 per fixed statistics block (256K elements aligned
+  to the tensor start; della: whole rows), the block sums added in block order, then
+  rounded to the work dtype (mergekit: torch's whole-tensor sum), so a rescale factor can
+  differ in the last bit.
 Paper-faithful options (ours; mergekit's behaviour is the default): ``sign_election:
 unweighted`` elects signs from the pruned deltas before weighting (TIES paper, §3);
 ``rescale_mode: density`` divides kept deltas by their keep probability (DARE eq. 2; DELLA
