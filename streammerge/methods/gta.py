@@ -138,7 +138,7 @@ def _abs_sum(x: torch.Tensor) -> float:
 def _l1_window_block(delta, ctx, stats, m) -> tuple:
     """One block's L1 terms for a magnitude window: (sum |delta|, sum |delta| strictly
     inside the window's boundary keys, {boundary key: (elements with it, their |value|)})."""
-    lo, hi = stats[1 if key_bits(ctx.work_dtype) == 32 else 0][m]
+    lo, hi = _boundaries(stats, ctx, m)
     keys = magnitude_keys_np(delta)
     a = delta.reshape(-1).abs().double()
     inside = torch.from_numpy((keys > lo.key) & (keys < hi.key))
@@ -162,12 +162,7 @@ def _window_l1(blocks: list, boundaries, window, earliest_high: bool) -> tuple[f
         for key, (count, value) in ties.items():
             b = next(b for b in boundaries if b.key == key)
             first = seen.get(key, 0)
-            # tie number p ranks below + p ascending, or below + equal - 1 - p with earliest_high
-            if earliest_high:
-                top = b.below + b.equal - 1
-                lo_p, hi_p = top - window[1] + 1, top - window[0] + 1
-            else:
-                lo_p, hi_p = window[0] - b.below, window[1] - b.below
+            lo_p, hi_p = select.tie_span(b, *window, earliest_high)
             kept_ties += max(0, min(hi_p, first + count) - max(lo_p, first)) * value
             seen[key] = first + count
         before += block_before
@@ -186,7 +181,7 @@ def gta_finish(i: int, acc, *, ctx, stats, base_index, weight, normalize, rescal
         window = _rank_window(sparsifier, n, density[m], _get(gamma, m) or 0.0)
         if kind == "l1":
             if sparsifier in ("magnitude", "magnitude_outliers"):
-                boundaries = stats[1 if key_bits(ctx.work_dtype) == 32 else 0][m]
+                boundaries = _boundaries(stats, ctx, m)
                 sums = _window_l1(counts, boundaries, window, sparsifier == "magnitude")
                 work = ctx.work_dtype
             else:
@@ -208,6 +203,12 @@ def gta_finish(i: int, acc, *, ctx, stats, base_index, weight, normalize, rescal
     return out
 
 
+def _boundaries(stats, ctx: BlockContext, m: int) -> tuple[Boundary, Boundary]:
+    """Model ``m``'s magnitude-window boundaries: selection passes come first, and the exact
+    boundaries are the last of them (the second pass for 32-bit keys)."""
+    return stats[1 if key_bits(ctx.work_dtype) == 32 else 0][m]
+
+
 def _get(values, m):
     return None if values is None else values[m]
 
@@ -226,8 +227,7 @@ def _sparsify(delta, m, ctx, stats, state, density, gamma, epsilon, factor, by_d
         lo, hi = _rank_window(sparsifier, n, density, gamma or 0.0)
         if hi <= lo:
             return torch.zeros_like(delta)
-        # Selection passes come first: the exact boundaries are the last of them.
-        boundaries = stats[1 if key_bits(ctx.work_dtype) == 32 else 0][m]
+        boundaries = _boundaries(stats, ctx, m)
         seen = state.setdefault(("seen", m), {})
         # Tie order of a stable sort: descending for top-k, ascending for breadcrumbs.
         keep = keep_window(delta, *boundaries, lo, hi, seen, earliest_high=sparsifier == "magnitude")
@@ -250,9 +250,8 @@ def _sparsify(delta, m, ctx, stats, state, density, gamma, epsilon, factor, by_d
         ranks = _row_ranks(d.reshape(-1, ctx.row))
         table, table_work = _della_probs(ctx.row, density, epsilon, work)
         mask = u < table[ranks]  # both exact in fp32
-        keep_p = table_work[
-            torch.from_numpy(ranks)
-        ]  # DELLA (Deep et al. 2024, §3.1): each kept delta / its p_i
+        # DELLA (Deep et al. 2024, §3.1): each kept delta / its p_i, gathered only when used
+        keep_p = table_work[torch.from_numpy(ranks)] if by_density else None
     masked = apply_mask(d, mask)  # = d * mask in the work dtype, bit for bit
     if by_density:  # a dropped element is a zero; p = 0 only where nothing is kept
         keep_p = torch.as_tensor(keep_p, dtype=work, device=masked.device)
@@ -342,9 +341,7 @@ def _tie_offsets(xs, base, others, density, stats, ctx, state) -> dict[int, dict
     """For each part ``parallel.run`` will cut this block into (by its first element): a
     ``state`` whose per-model ``seen`` counts the boundary ties before that part, from
     ``state`` (the earlier blocks). ``state`` moves on past the whole block."""
-    boundaries = {
-        m: stats[1 if key_bits(ctx.work_dtype) == 32 else 0][m] for m in others if _prunes(density[m])
-    }
+    boundaries = {m: _boundaries(stats, ctx, m) for m in others if _prunes(density[m])}
 
     def count(lo: int, hi: int) -> dict:
         counts = {}

@@ -85,6 +85,16 @@ def refine(high: tuple[Boundary, ...], ranks, lows: dict[int, np.ndarray]) -> tu
     return tuple(refined)
 
 
+def tie_span(b: Boundary, rank_lo: int, rank_hi: int, earliest_high: bool) -> tuple[int, int]:
+    """[first, last): positions p, among the elements with key ``b.key`` in flat order, whose
+    ascending rank is in ``[rank_lo, rank_hi)``. A stable sort ranks tie p at ``below + p``,
+    or at ``below + equal - 1 - p`` when the earliest of equal magnitudes ranks highest."""
+    if earliest_high:
+        top = b.below + b.equal - 1
+        return top - rank_hi + 1, top - rank_lo + 1
+    return rank_lo - b.below, rank_hi - b.below
+
+
 def keep_window(x: torch.Tensor, lo: Boundary, hi: Boundary, rank_lo: int, rank_hi: int,
                 seen: dict[int, int], earliest_high: bool) -> np.ndarray:  # fmt: skip
     """Boolean mask (numpy, flat) of the elements of ``x`` whose ascending magnitude rank is
@@ -105,8 +115,8 @@ def keep_window(x: torch.Tensor, lo: Boundary, hi: Boundary, rank_lo: int, rank_
         # allocator reuses them block after block instead of fragmenting on odd sizes
         p = np.cumsum(tied, dtype=np.int64)
         p += seen.get(b.key, 0) - 1
-        rank = (b.below + b.equal - 1) - p if earliest_high else p + b.below
-        tied &= (rank >= rank_lo) & (rank < rank_hi)
+        first, last = tie_span(b, rank_lo, rank_hi, earliest_high)
+        tied &= (p >= first) & (p < last)
         mask |= tied
         seen[b.key] = seen.get(b.key, 0) + count
     return mask
