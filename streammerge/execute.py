@@ -31,7 +31,7 @@ from .checkpoint import Reader
 from .derive import read_derived
 from .errors import Interrupted, StreamMergeError, WriteError
 from .header import ITEMSIZE
-from .methods import SPECS, BlockContext, Scope, get_kernel, parallel
+from .methods import SPECS, BlockContext, Scope, get_kernel, parallel, row_elems
 from .plan import BLOCK_ELEMS, COPY, DEFAULT_SHARD_NBYTES, Job, Plan, fold_window, make_plan
 from .polite import UNLIMITED, IoLimits, be_nice
 from .write import OutputWriter
@@ -469,11 +469,7 @@ class _JobRun:
         block, threads = self.job.block_elems, torch.get_num_threads()
         if self.kernel.ordered or threads < 2:
             return block, 1
-        unit = (
-            self.job.shape[-1]
-            if SPECS[self.job.method].rows(self.job.shared_params) and self.job.shape
-            else 1
-        )
+        unit = row_elems(self.job.shape) if SPECS[self.job.method].rows(self.job.shared_params) else 1
         step = max(block // threads, parallel.MIN_PART) // unit * unit
         if step == 0 or block // step < 2:  # too small to split: the plan's block, in order
             return block, 1

@@ -22,7 +22,7 @@ from .derive import scratch_nbytes
 from .errors import BudgetError, CheckpointError, Collector
 from .header import FLOAT_DTYPES, ITEMSIZE, encode_header
 from .layers import Route, config_updates, routes
-from .methods import SPECS
+from .methods import SPECS, row_elems
 from .params import value_problems
 from .problems import Findings, architecture_problems, extra_tensor_problems, unmatched_filters
 from .vocab import TOKEN_TENSORS, VocabPlan, apply_tokenizer, resolve_template, tie_lm_head
@@ -416,7 +416,7 @@ def _blocks(j: Job, block: int) -> tuple[int, int]:
     spec = SPECS.get(j.method)
     passes = spec.passes(j.work_dtype, j.shared_params) if spec and j.numel else 0
     if spec is not None and spec.rows(j.shared_params):
-        row = j.shape[-1] if len(j.shape) >= 2 else max(j.numel, 1)
+        row = row_elems(j.shape)
         stat = max(1, spec.stat_block // row) * row
         return stat, max(1, block // stat) * stat  # compute blocks: whole statistics blocks
     if passes:

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 
 from .spec import GTA, SPECS, MethodSpec, Param, Scope
 
-__all__ = ["GTA", "SPECS", "BlockContext", "Kernel", "MethodSpec", "Param", "Scope", "get_kernel", "register"]
+__all__ = [
+    "GTA", "SPECS", "BlockContext", "Kernel", "MethodSpec", "Param", "Scope", "get_kernel", "register", "row_elems",
+]  # fmt: skip
 
 _KERNELS: dict[str, Kernel] = {}
 _KERNEL_MODULES = (
@@ -48,8 +50,12 @@ class BlockContext:
 
     @property
     def row(self) -> int:
-        """Elements per row (the last dimension); a 1-D tensor is one row."""
-        return self.shape[-1] if len(self.shape) >= 2 else math.prod(self.shape)
+        return row_elems(self.shape)
+
+
+def row_elems(shape: tuple[int, ...]) -> int:
+    """Elements per row (the last dimension); a 1-D tensor is one row (at least 1)."""
+    return shape[-1] if len(shape) >= 2 else max(math.prod(shape), 1)
 
 
 @dataclass(frozen=True, slots=True)
