@@ -30,17 +30,7 @@ from .derive import read_derived
 from .errors import BudgetError, StreamMergeError
 from .execute import ALL, COMBINE, _get, _JobRun, _put, _schedule_job
 from .header import ITEMSIZE
-from .plan import (
-    BLOCK_ELEMS,
-    HEAP_SLACK_WORDS,
-    MIN_BLOCK_ELEMS,
-    STAT_SLACK_WORDS,
-    Job,
-    Plan,
-    _blocks,
-    _scratch_words,
-    _streaming,
-)  # fmt: skip
+from .plan import Job, Plan, _streaming, compute_block, compute_scratch
 from .polite import IoLimits
 from .write import OutputWriter
 
@@ -90,22 +80,10 @@ def streams(slots: list[Slot], budget: int, workers: int = 1):
     holds two read sets of the union, two write buffers per member and one compute
     scratch per worker."""
     columns = list(zip(*(s.plan.jobs for s in slots)))  # per tensor: one job per member
-    words = max((_scratch_words(j) for col in columns for j in col), default=0)
-    block = BLOCK_ELEMS
-    while block > MIN_BLOCK_ELEMS and workers * block * 4 * (words + HEAP_SLACK_WORDS) > budget // 4:
-        block //= 2
+    every = [j for col in columns for j in col]
+    block = compute_block(every, budget, workers)
     # Per worker, as the plan counts it: a combine block's or a statistics block's scratch.
-    scratch = workers * max(
-        (
-            4
-            * max(blk * (_scratch_words(j) + HEAP_SLACK_WORDS), stat * (_scratch_words(j) + STAT_SLACK_WORDS))
-            for col in columns
-            for j in col
-            if _scratch_words(j)
-            for stat, blk in [_blocks(j, block)]
-        ),
-        default=0,
-    )
+    scratch = workers * max((compute_scratch(j, block) for j in every), default=0)
     per_elem = max(
         (2 * _in_item(col) + 2 * sum(ITEMSIZE[j.out_dtype] for j in col) for col in columns), default=1
     )

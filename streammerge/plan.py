@@ -360,24 +360,8 @@ def _estimate(jobs: tuple[Job, ...], budget: int) -> Estimate:
     def in_item(j: Job) -> int:
         return sum(ITEMSIZE[t.dtype] for t in j.inputs)
 
-    words = max((_scratch_words(j) for j in jobs), default=0)
-    # Compute blocks shrink with the budget so scratch stays within a quarter of it.
-    block = BLOCK_ELEMS
-    while block > MIN_BLOCK_ELEMS and block * 4 * (words + HEAP_SLACK_WORDS) > budget // 4:
-        block //= 2
-    # Statistics passes run on their own fixed blocks (slerp: 1M elements, rows: whole
-    # rows), which can be larger than the combine block: scratch covers the largest.
-    # Statistics folds make few, block-sized temporaries: little heap slack.
-    scratch = max(
-        (
-            max(blk * (_scratch_words(j) + HEAP_SLACK_WORDS), stat * (_scratch_words(j) + STAT_SLACK_WORDS))
-            * 4
-            for j in jobs
-            if _scratch_words(j)
-            for stat, blk in [_blocks(j, block)]
-        ),
-        default=0,
-    )
+    block = compute_block(jobs, budget)
+    scratch = max((compute_scratch(j, block) for j in jobs), default=0)
     derive = max((scratch_nbytes(t) for j in jobs for t in j.inputs), default=0)
     per_elem = max((2 * in_item(j) + 2 * ITEMSIZE[j.out_dtype] for j in jobs), default=1)
     chunk = (budget - scratch - derive) // per_elem // block * block
@@ -393,6 +377,28 @@ def _estimate(jobs: tuple[Job, ...], budget: int) -> Estimate:
         read_nbytes=reads, write_nbytes=sum(j.out_nbytes for j in jobs), derive_nbytes=derive,
     )  # fmt: skip
     return estimate, jobs
+
+
+def compute_block(jobs, budget: int, workers: int = 1) -> int:
+    """Elements per compute block: halved from BLOCK_ELEMS until ``workers`` blocks'
+    scratch fits a quarter of the budget (a floor of MIN_BLOCK_ELEMS)."""
+    words = max((_scratch_words(j) for j in jobs), default=0)
+    block = BLOCK_ELEMS
+    while block > MIN_BLOCK_ELEMS and workers * block * 4 * (words + HEAP_SLACK_WORDS) > budget // 4:
+        block //= 2
+    return block
+
+
+def compute_scratch(j: Job, block: int) -> int:
+    """Bytes of ``j``'s compute scratch with ``block``-element compute blocks. Statistics
+    passes run on their own fixed blocks (slerp: 1M elements, rows: whole rows), which can
+    be larger than the combine block: scratch covers the largest. Statistics folds make
+    few, block-sized temporaries: little heap slack."""
+    words = _scratch_words(j)
+    if not words:
+        return 0
+    stat, blk = _blocks(j, block)
+    return max(blk * (words + HEAP_SLACK_WORDS), stat * (words + STAT_SLACK_WORDS)) * 4
 
 
 def _scratch_words(j: Job) -> int:
