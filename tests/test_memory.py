@@ -1,7 +1,8 @@
 """Memory: peak stays at budget + fixed overhead while inputs are many times the budget.
 
 Each merge runs in a fresh subprocess that reports its RSS after imports (the fixed
-overhead: interpreter, torch, numpy) and its peak RSS (``VmHWM``) after the merge.
+overhead: interpreter, torch, numpy, numba and the compiled loops) and its peak RSS
+(``VmHWM``) after the merge.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ PROBE = textwrap.dedent("""
     import json, sys
     import psutil, torch
     import streammerge.execute as ex
+    from streammerge.methods import get_kernel
     torch.ones(1 << 16).sum()  # warm torch's allocator and thread pool
+    get_kernel("linear")  # the kernels and their compiled loops: part of the runtime
     baseline = psutil.Process().memory_info().rss
     summary = ex.merge(sys.argv[1], sys.argv[2], max_memory=int(sys.argv[3]), threads=2)
     print(json.dumps({"baseline": baseline, "peak": ex.peak_rss(),

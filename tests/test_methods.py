@@ -400,35 +400,31 @@ def test_spec_params_match_kernel_signature(method):
     assert names - accepted == set() or takes_var_kw
 
 
-@pytest.mark.parametrize("dtype", [bf16, torch.float16, f32])
-@pytest.mark.parametrize("n_models", [1, 2, 3, 5])
+@pytest.mark.parametrize("dtype", [bf16, f32])
+@pytest.mark.parametrize("n_models", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("consensus", ["sum", None])
-def test_fast_gta_combine_is_mergekits_op_sequence_bit_for_bit(dtype, n_models, consensus):
-    """combine_fast (numpy, fp32 with explicit rounding) against combine_eager (mergekit's torch
-    ops): exact zeros, negative and tiny weights, normalize and lambda included."""
-    from streammerge.methods.gta import combine_eager, combine_fast, fast_combine_exact
+def test_compiled_gta_combine_is_mergekits_op_sequence_bit_for_bit(dtype, n_models, consensus):
+    """The compiled combine (fused.combine, fp32 with explicit rounding) against combine_eager
+    (mergekit's torch ops): exact zeros and cancellations, negative and tiny weights, normalize
+    and lambda, subnormal, huge and infinite values included."""
+    from streammerge.methods.gta import _combine_fused, combine_eager, fast_combine_exact
 
     if not fast_combine_exact(dtype, n_models):
         pytest.skip("torch sums 5+ fp32 models out of order; gta() uses combine_eager there")
-    if n_models == 5:  # a block smaller than the 2^n divisor table
-        args_small = (
-            torch.ones(3, dtype=dtype),
-            torch.ones(n_models, 3, dtype=dtype),
-            [0.5] * n_models,
-            consensus,
-            True,
-            1.0,
-        )
-        assert torch.equal(combine_fast(*args_small), combine_eager(*args_small))
     gen = torch.Generator().manual_seed(n_models)
-    base = (torch.randn(50_000, generator=gen) * 0.02).to(dtype)
-    deltas = (torch.randn(n_models, 50_000, generator=gen) * 0.003).to(dtype)
+    n = 50_000 + 3  # not a whole number of the loop's tiles
+    base = (torch.randn(n, generator=gen) * 0.02).to(dtype)
+    deltas = (torch.randn(n_models, n, generator=gen) * 0.003).to(dtype)
     deltas[:, ::7] = 0  # pruned elements
     deltas[0, ::11] = -0.0
+    base[::17] = -0.0
+    deltas[0, 5::101] = torch.finfo(dtype).tiny / 8  # subnormal
+    deltas[0, 6::103] = torch.finfo(dtype).max / 2  # overflows when summed
+    deltas[-1, 7::107] = float("-inf")
     if n_models > 1:  # equal weights cancel exactly: the elected sign of a zero total is +
         deltas[1, ::13] = -deltas[0, ::13]
-    for weights in ([0.6, -0.3, 0.9, 0.25, 1e-3][:n_models], [1.0] * n_models):
+    for weights in ([0.6, -0.3, 0.9, 0.25, 1e-3, 2.0, -1.5, 0.1][:n_models], [1.0] * n_models):
         for normalize, lam in [(True, 1.0), (False, 0.7), (True, 1.3)]:
             args = (base, deltas, weights, consensus, normalize, lam)
-            fast, eager = combine_fast(*args), combine_eager(*args)
+            fast, eager = _combine_fused(*args), combine_eager(*args)
             assert torch.equal(fast.view(torch.uint8), eager.view(torch.uint8)), (weights, normalize, lam)

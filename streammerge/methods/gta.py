@@ -38,7 +38,7 @@ import math
 import numpy as np
 import torch
 
-from . import BlockContext, parallel, register, select
+from . import BlockContext, fused, parallel, register, select
 from .rng import stream_key, uniform, uniform_bits24
 from .select import (
     Boundary,
@@ -91,11 +91,15 @@ def gta_fold(i: int, acc, xs, *, ctx, stats, base_index, weight, normalize, resc
     kind = _pass_kinds(ctx, xs[0].dtype, rescale and rescale_mode == "l1")[i]
     base = xs[base_index]
     acc = {} if acc is None else acc
+    sparsifier = GTA[ctx.method].sparsifier
     for m in _others(xs, base_index):
         if not _prunes(density[m]):
             continue
+        if fused.supports(base) and (kind != "l1" or sparsifier == "random"):
+            _fold_fused(kind, acc, xs[m], base, m, ctx, stats, density[m])
+            continue
         delta = xs[m] - base
-        if kind == "l1" and GTA[ctx.method].sparsifier in ("magnitude", "magnitude_outliers"):
+        if kind == "l1" and sparsifier in ("magnitude", "magnitude_outliers"):
             acc.setdefault(m, []).append(_l1_window_block(delta, ctx, stats, m))
         elif kind == "l1":
             pruned = _sparsify(
@@ -111,6 +115,39 @@ def gta_fold(i: int, acc, xs, *, ctx, stats, base_index, weight, normalize, resc
             for high in {b.key for b in stats[0][m]}:
                 lows[high] = histogram(keys, 0, high, lows.get(high))
     return acc
+
+
+def _fold_fused(kind: str, acc: dict, x, base, m: int, ctx, stats, density: float) -> None:
+    """``gta_fold``'s step for one model in one compiled loop: the histogram of a select
+    pass, or a DARE block's L1 terms."""
+    x, b = fused.bits(x), fused.bits(base)
+    if kind == "l1":
+        acc.setdefault(m, []).append(fused.l1_random(x, b, *_random_keep(ctx, m, density)))
+        return
+    highs = [-1] if kind != "select_low" else sorted({bd.key for bd in stats[0][m]})
+    shift = 16 if kind == "select_high" else 0
+    for high in highs:
+        counts = acc if high < 0 else acc.setdefault(m, {})
+        slot = m if high < 0 else high
+        if slot not in counts:
+            counts[slot] = np.zeros(65536, np.int64)
+        fused.delta_histogram(x, b, shift, high, counts[slot])
+
+
+def _dare_p(ctx: BlockContext, density: float) -> float:
+    """DARE's keep probability as mergekit has it: ``full_like(delta, density, work)``."""
+    return torch.tensor(density, dtype=_work_dtype(ctx.work_dtype)).item()
+
+
+def _threshold24(p: float) -> np.uint32:
+    """Keep where u < p, u on a 2^-24 grid: the 24-bit integers compared with ceil(p * 2^24)."""
+    return np.uint32(math.ceil(p * 2**24))
+
+
+def _random_keep(ctx: BlockContext, m: int, density: float) -> tuple[np.uint64, int, np.uint32]:
+    """DARE's keep rule for model ``m``'s block, as the compiled loops take it: (stream
+    key, first element index, 24-bit threshold)."""
+    return stream_key(ctx.seed, ctx.tensor, m)[0], ctx.offset, _threshold24(_dare_p(ctx, density))
 
 
 def gta_reduce(i: int, acc, partial, **params):
@@ -239,9 +276,8 @@ def _sparsify(delta, m, ctx, stats, state, density, gamma, epsilon, factor, by_d
     d = delta.to(work)
     key = stream_key(ctx.seed, ctx.tensor, m)
     if sparsifier == "random":
-        # keep where u < p, u on a 2^-24 grid: compare the 24-bit integers with ceil(p * 2^24)
-        p = torch.tensor(density, dtype=work).item()  # mergekit: full_like(δ, density, work)
-        mask = uniform_bits24(key, ctx.offset, d.numel()) < np.uint32(math.ceil(p * 2**24))
+        p = _dare_p(ctx, density)
+        mask = uniform_bits24(key, ctx.offset, d.numel()) < _threshold24(p)
         keep_p = p  # DARE (Yu et al. 2024, eq. 2): kept deltas / p
     else:  # della_magprune: keep probability linear in the magnitude's rank within its row
         if density <= 0:
@@ -306,14 +342,21 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
     deltas = base.new_empty((len(others), *base.shape))  # (n_models, *block)
     by_density = rescale and rescale_mode == "density"
 
+    compiled = fused.supports(base) and not by_density and preset.sparsifier in (
+        "magnitude", "magnitude_outliers", "random", None
+    )  # fmt: skip
+
     def prune(lo: int, hi: int, state: dict = state) -> None:
         part = ctx if lo == 0 and hi == base.numel() else dataclasses.replace(ctx, offset=ctx.offset + lo)
         for row, m in enumerate(others):
-            delta = xs[m].reshape(-1)[lo:hi] - base.reshape(-1)[lo:hi]
-            if preset.sparsifier is not None and _prunes(density[m]):
-                delta = _sparsify(delta, m, part, stats, state, density[m], _get(gamma, m), _get(epsilon, m),
-                                  factors.get(m), by_density)  # fmt: skip
-            deltas[row].view(-1)[lo:hi] = delta
+            x, b, out = xs[m].reshape(-1)[lo:hi], base.reshape(-1)[lo:hi], deltas[row].view(-1)[lo:hi]
+            if preset.sparsifier is None or not _prunes(density[m]):
+                torch.sub(x, b, out=out)
+            elif compiled:
+                _prune_fused(x, b, out, m, part, stats, state, density[m], _get(gamma, m), factors.get(m))
+            else:
+                out.copy_(_sparsify(x - b, m, part, stats, state, density[m], _get(gamma, m), _get(epsilon, m),
+                                    factors.get(m), by_density))  # fmt: skip
 
     if preset.sparsifier in ("magnitude", "magnitude_outliers"):
         # ties at the threshold are kept in element order: each part starts from the ties
@@ -325,16 +368,58 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
     weights = [weight[m] for m in others]
     if preset.consensus == "sum" and sign_election == "unweighted":
         return combine_eager(base, deltas, weights, preset.consensus, normalize, lam, weighted_election=False)
-    if deltas.device.type == "cpu" and fast_combine_exact(deltas.dtype, len(others)):
-        flat = deltas.reshape(len(others), -1)
-        parts = parallel.run(
-            lambda lo, hi: combine_fast(
-                base.reshape(-1)[lo:hi], flat[:, lo:hi], weights, preset.consensus, normalize, lam
-            ),  # fmt: skip
-            base.numel(),
-        )
-        return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(base.shape)
+    if fused.supports(base) and fast_combine_exact(deltas.dtype, len(others)):
+        return _combine_fused(base, deltas, weights, preset.consensus, normalize, lam)
     return combine_eager(base, deltas, weights, preset.consensus, normalize, lam)
+
+
+def _prune_fused(x, base, out, m, ctx, stats, state, density, gamma, factor) -> None:
+    """``_sparsify(x - base)`` into ``out`` by a compiled loop (bfloat16 or float32 on CPU;
+    magnitude windows and DARE's random drop), the same bits."""
+    sparsifier = GTA[ctx.method].sparsifier
+    scale = factor is not None
+    factor = np.float32(factor.item() if scale else 1)
+    xb, bb, ob = fused.bits(x), fused.bits(base), fused.bits(out)
+    if sparsifier == "random":
+        fused.prune_random(xb, bb, ob, *_random_keep(ctx, m, density), scale, factor)
+        return
+    lo, hi = _rank_window(sparsifier, int(np.prod(ctx.shape)), density, gamma or 0.0)
+    if hi <= lo:
+        out.zero_()
+        return
+    b_lo, b_hi = _boundaries(stats, ctx, m)
+    earliest_high = sparsifier == "magnitude"  # tie order of a stable sort: descending for top-k
+    spans = [np.array(select.tie_span(b, lo, hi, earliest_high), np.int64) for b in (b_lo, b_hi)]
+    key = fused.KEY[x.dtype]
+    seen = state.setdefault(("seen", m), {})
+    counts = _seen_pair(seen, b_lo, b_hi)
+    fused.prune_window(xb, bb, ob, key(b_lo.key), key(b_hi.key), *spans, counts, scale, factor)
+    _store_seen(seen, b_lo, b_hi, counts)
+
+
+def _seen_pair(seen: dict, lo: Boundary, hi: Boundary) -> np.ndarray:
+    """The compiled loops' tie counters [lower key, upper key] from a ``seen`` dict (equal
+    keys are counted once, as the upper)."""
+    return np.array([0 if lo.key == hi.key else seen.get(lo.key, 0), seen.get(hi.key, 0)], np.int64)
+
+
+def _store_seen(seen: dict, lo: Boundary, hi: Boundary, counts: np.ndarray) -> None:
+    if lo.key != hi.key:
+        seen[lo.key] = int(counts[0])
+    seen[hi.key] = int(counts[1])
+
+
+def _combine_fused(base, deltas, weights, consensus, normalize, lam) -> torch.Tensor:
+    """``combine_eager`` by the compiled loop, bit for bit, in parts on every core."""
+    w = torch.tensor(weights, dtype=deltas.dtype)
+    divisor = w.float().cumsum(0)[-1:].to(deltas.dtype).float().item()  # in order, like sum(dim=0)
+    divisor = 1.0 if consensus == "sum" or abs(divisor) < 1e-8 else divisor
+    out = torch.empty_like(base)
+    b, d, o = fused.bits(base), fused.bits(deltas).reshape(len(weights), -1), fused.bits(out)
+    flags = (consensus == "sum", bool(normalize), np.float32(divisor), np.float32(lam))
+    w = w.float().numpy()
+    parallel.run(lambda lo, hi: fused.combine(b, d, w, o, lo, hi, *flags), base.numel())
+    return out
 
 
 def _tie_offsets(xs, base, others, density, stats, ctx, state) -> dict[int, dict]:
@@ -346,7 +431,15 @@ def _tie_offsets(xs, base, others, density, stats, ctx, state) -> dict[int, dict
     def count(lo: int, hi: int) -> dict:
         counts = {}
         for m, (b_lo, b_hi) in boundaries.items():
-            keys = magnitude_keys_np(xs[m].reshape(-1)[lo:hi] - base.reshape(-1)[lo:hi])
+            x, b = xs[m].reshape(-1)[lo:hi], base.reshape(-1)[lo:hi]
+            if fused.supports(b):
+                pair = _seen_pair({}, b_lo, b_hi)
+                fused.count_ties(
+                    fused.bits(x), fused.bits(b), *(fused.KEY[b.dtype](k.key) for k in (b_lo, b_hi)), pair
+                )
+                _store_seen(counts.setdefault(m, {}), b_lo, b_hi, pair)
+                continue
+            keys = magnitude_keys_np(x - b)
             counts[m] = {key: int(np.count_nonzero(keys == key)) for key in {b_lo.key, b_hi.key}}
         return lo, counts
 
@@ -388,82 +481,11 @@ def combine_eager(base, deltas, weights, consensus, normalize, lam, weighted_ele
     return base + mixed
 
 
-_FAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _rounder(dtype: torch.dtype, n: int):
-    """In-place round-to-nearest-even of fp32 numpy arrays (up to n elements) to ``dtype``,
-    through a reused torch buffer: two vectorized copies."""
-    if dtype == torch.float32:
-        return lambda a: a
-    scratch = torch.empty(n, dtype=dtype)
-
-    def rnd(a: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(a).reshape(-1)
-        t.copy_(scratch[: t.numel()].copy_(t))
-        return a
-
-    return rnd
-
-
 def fast_combine_exact(dtype: torch.dtype, n_models: int) -> bool:
-    """Whether ``combine_fast`` applies: it reproduces torch's ``sum(dim=0)``, which for fp32
-    adds the models in order only up to 4 of them (measured on torch 2.13, CPU, 1-2
-    threads); 16-bit dtypes are checked up to 8 models."""
-    return dtype in _FAST_DTYPES and n_models <= (4 if dtype == torch.float32 else 8)
-
-
-def combine_fast(base, deltas, weights, consensus, normalize, lam):
-    """``combine_eager``, bit for bit, in numpy fp32 with one rounding to D per torch op.
-
-    Why it is exact: products and sums of two D values are exact in fp32 before the one
-    rounding torch also does; torch's ``sum(dim=0)`` over the model axis adds the models in
-    order into an fp32 accumulator and rounds once (checked for 16-bit dtypes at any model
-    count and for fp32 up to 4 models); a Python scalar enters at fp32. numpy's comparisons
-    and bool products are several times faster than torch's on CPU.
-    """
-    rnd = _rounder(deltas.dtype, max(base.numel(), 1 << len(weights)))
-    b = base.float().numpy().reshape(-1)
-    w = torch.tensor(weights, dtype=deltas.dtype).float().numpy()
-    wd = [rnd(d.float().numpy().reshape(-1) * w[m]) for m, d in enumerate(deltas)]
-    if consensus == "sum":
-        total = wd[0].copy()
-        for x in wd[1:]:
-            total += x
-        if deltas.dtype == torch.float32:
-            total = rnd(total)
-        # For 16-bit D rounding cannot change the sign: the sum of multiples of D's smallest
-        # subnormal is one too, so it never rounds to zero (and a zero stays zero).
-        # x agrees with the elected sign (+1 where total >= 0) iff x * elected > 0, i.e.
-        # x is nonzero and positive exactly where the total is non-negative.
-        positive = total >= 0
-        mixed, divisor = None, np.zeros_like(b)
-        for x, wm in zip(wd, w):
-            agree = np.equal(x > 0, positive)
-            agree &= x != 0
-            if mixed is None:
-                mixed = x * agree
-            else:
-                mixed += x * agree
-            # the agreeing weights' in-order fp32 sum, as mergekit's (w * mask).sum(dim=0)
-            divisor += agree * wm
-        mixed = rnd(mixed)
-        divisor = rnd(divisor)
-        divisor += divisor == 0  # its guard: no agreeing weight divides by 1
-    else:
-        mixed = wd[0].copy()
-        for x in wd[1:]:
-            mixed += x
-        mixed = rnd(mixed)
-        divisor = rnd(np.cumsum(w, dtype=np.float32)[-1:])[0]  # in order, like sum(dim=0)
-        if abs(divisor) < 1e-8:
-            divisor = np.float32(1)
-    if normalize:
-        mixed = rnd(mixed / divisor)
-    if lam != 1:
-        mixed = rnd(mixed * np.float32(lam))
-    out = rnd(b + mixed)
-    return torch.from_numpy(out).to(base.dtype).reshape(base.shape)
+    """Whether ``fused.combine`` reproduces ``combine_eager``: it adds the models in order
+    into fp32, as torch's ``sum(dim=0)`` does for fp32 up to 4 models (measured on torch
+    2.13, CPU, 1-2 threads); bfloat16 is checked up to 8 models."""
+    return n_models <= (4 if dtype == torch.float32 else 8)
 
 
 for _name in GTA:

@@ -1,0 +1,354 @@
+"""Compiled elementwise loops (numba) for the task-arithmetic family's hot steps on CPU.
+
+Each loop does in one pass over a block what the numpy/torch code does in several passes
+with block-sized temporaries: the delta, its magnitude key, the keep decision (a rank
+window with ties counted in element order, or a keyed random number), the mask, the
+rescale, and the sign election and weighted sum. Every arithmetic step is the same float32
+operation torch does, followed by the same rounding to the work dtype (round to nearest
+even for bfloat16; none for float32), so the results are bit-identical to the eager ops
+(tests compare them). numba compiles each loop once per input type and caches it on disk.
+
+bfloat16 and float32 only: numba has no float16 on CPU, so float16 stays on numpy.
+Arrays arrive as integer views (uint16 for bfloat16, uint32 for float32): bits in, bits out.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
+
+_JIT = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
+_INLINE = {"inline": "always"}
+TILE = 2048  # elements per step of the tiled loops: their scratch stays in L1/L2
+
+_U16 = np.uint16
+_U32 = np.uint32
+_U64 = np.uint64
+_GAMMA = _U64(0x9E3779B97F4A7C15)
+_M1 = _U64(0xBF58476D1CE4E5B9)
+_M2 = _U64(0x94D049BB133111EB)
+
+
+@intrinsic
+def _f32(typingctx, bits):
+    """The float32 whose bit pattern is ``bits`` (uint32)."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@intrinsic
+def _bits(typingctx, x):
+    """The bit pattern (uint32) of float32 ``x``."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+def _load(v):
+    """A stored element (uint16 bfloat16 bits or uint32 float32 bits) as float32."""
+
+
+def _round(x, like):
+    """float32 ``x`` rounded to the dtype of ``like`` (bits of the same kind), as its bits:
+    round to nearest even for bfloat16, NaN as 0xFFFF, as torch's vectorized conversion."""
+
+
+def _magnitude(v):
+    """The bits with the sign cleared: an integer key that orders like the magnitude."""
+
+
+def _sign(v):
+    """The sign bit alone: a zero with the element's sign."""
+
+
+def _bf16_round(x, like):
+    u = _bits(x)
+    if x != x:  # NaN
+        return _U16(0xFFFF)
+    return _U16((u + _U32(0x7FFF) + ((u >> _U32(16)) & _U32(1))) >> _U32(16))
+
+
+@overload(_load, jit_options=_INLINE)
+def _load_impl(v):
+    if v == types.uint16:
+        return lambda v: _f32(_U32(v) << _U32(16))
+    return lambda v: _f32(v)
+
+
+@overload(_round, jit_options=_INLINE)
+def _round_impl(x, like):
+    if like == types.uint16:
+        return _bf16_round
+    return lambda x, like: _bits(x)
+
+
+@overload(_magnitude, jit_options=_INLINE)
+def _magnitude_impl(v):
+    if v == types.uint16:
+        return lambda v: v & _U16(0x7FFF)
+    return lambda v: v & _U32(0x7FFFFFFF)
+
+
+@overload(_sign, jit_options=_INLINE)
+def _sign_impl(v):
+    if v == types.uint16:
+        return lambda v: v & _U16(0x8000)
+    return lambda v: v & _U32(0x80000000)
+
+
+@numba.njit(inline="always", **_JIT)
+def _rounded(x, like) -> np.float32:
+    """float32 ``x`` after rounding to ``like``'s dtype, back as float32."""
+    return _load(_round(x, like))
+
+
+@numba.njit(inline="always", **_JIT)
+def _deltas(x, base, d):
+    """``d[:x.size]`` = the bits of ``x - base``. (Loops index by their own counter over
+    slices: an index like ``lo + j`` is checked for wraparound, which stops vectorizing.)"""
+    for j in range(x.size):
+        d[j] = _round(_load(x[j]) - _load(base[j]), x[j])
+
+
+def _loop(signature: str):
+    """Compile a loop now (or load it from numba's cache) for bfloat16 and float32 bits:
+    ``{T}`` in ``signature`` is uint16, then uint32. Compiling at import keeps the
+    compiler's memory and time out of the merge that follows."""
+    return numba.njit([signature.format(T=t) for t in ("uint16", "uint32")], **_JIT)
+
+
+@_loop("void({T}[::1], {T}[::1], int64, int64, int64[::1])")
+def delta_histogram(x, base, shift, prefix, counts):
+    """Add to ``counts`` (int64[65536]) the 16-bit digit ``key >> shift`` of every delta
+    ``x - base``'s magnitude key; with ``prefix >= 0`` only keys whose bits above
+    ``shift + 16`` equal it count."""
+    d = np.empty(TILE, x.dtype)
+    # four sub-histograms: a run of equal keys would otherwise wait on its own stores
+    sub = np.zeros((4, 65536), np.int32)
+    for lo in range(0, x.size, TILE):
+        hi = min(lo + TILE, x.size)
+        _deltas(x[lo:hi], base[lo:hi], d)
+        for j in range(hi - lo):
+            key = _magnitude(d[j])
+            if prefix < 0 or np.int64(key >> (shift + 16)) == prefix:
+                sub[j & 3, np.int64(key >> shift) & 0xFFFF] += 1
+    for k in range(65536):
+        counts[k] += np.int64(sub[0, k]) + sub[1, k] + sub[2, k] + sub[3, k]
+
+
+@numba.njit(inline="always", **_JIT)
+def _straddles(first, count, span):
+    """Whether tie positions [first, first + count) are partly inside ``span``, partly not."""
+    inside = max(0, min(span[1], first + count) - max(span[0], first))
+    return 0 < inside < count
+
+
+@_loop("void({T}[::1], {T}[::1], {T}[::1], {T}, {T}, int64[::1], int64[::1], int64[::1], boolean, float32)")
+def prune_window(x, base, out, lo_key, hi_key, lo_span, hi_span, seen, scale, factor):
+    """``out`` = the deltas ``x - base`` whose magnitude rank is in the window, others a
+    zero with their sign; with ``scale`` a kept delta is multiplied by ``factor`` (rounded).
+
+    Keys strictly between ``lo_key`` and ``hi_key`` are kept; a key equal to a boundary is
+    kept when its position among that key's ties in element order (``seen`` counts those of
+    earlier blocks and is updated) is in the boundary's span [first, last). When the keys
+    are equal the upper boundary's span applies (as ``select.keep_window``)."""
+    d = np.empty(TILE, x.dtype)
+    for lo in range(0, x.size, TILE):
+        hi = min(lo + TILE, x.size)
+        _deltas(x[lo:hi], base[lo:hi], d)
+        o = out[lo:hi]
+        # Ties take the decision of the tile's first tie of their key; only a tile whose
+        # ties straddle an end of their span is redone tie by tie below.
+        s_lo, s_hi = seen[0], seen[1]
+        keep_lo = (lo_span[0] <= s_lo) & (s_lo < lo_span[1])
+        keep_hi = (hi_span[0] <= s_hi) & (s_hi < hi_span[1])
+        n_lo = n_hi = 0
+        for j in range(hi - lo):
+            v = d[j]
+            key = _magnitude(v)
+            is_hi = key == hi_key
+            is_lo = (key == lo_key) & ~is_hi
+            keep = ((lo_key < key) & (key < hi_key)) | (is_lo & keep_lo) | (is_hi & keep_hi)
+            kept = _round(_load(v) * factor, v) if scale else v
+            o[j] = kept if keep else _sign(v)
+            n_lo += is_lo
+            n_hi += is_hi
+        seen[0], seen[1] = s_lo + n_lo, s_hi + n_hi
+        if not (_straddles(s_lo, n_lo, lo_span) or _straddles(s_hi, n_hi, hi_span)):
+            continue
+        for j in range(hi - lo):  # the ties, in element order
+            v = d[j]
+            key = _magnitude(v)
+            if key == hi_key:
+                keep = hi_span[0] <= s_hi < hi_span[1]
+                s_hi += 1
+            elif key == lo_key:
+                keep = lo_span[0] <= s_lo < lo_span[1]
+                s_lo += 1
+            else:
+                continue
+            kept = _round(_load(v) * factor, v) if scale else v
+            o[j] = kept if keep else _sign(v)
+
+
+@numba.njit(inline="always", **_JIT)
+def _uniform24(key, i):
+    """Top 24 bits of element ``i``'s 32-bit random number in stream ``key`` (``rng``)."""
+    z = (i >> _U64(1)) * _GAMMA + key
+    z = (z ^ (z >> _U64(30))) * _M1
+    z = (z ^ (z >> _U64(27))) * _M2
+    z = z ^ (z >> _U64(31))
+    z = z >> ((i & _U64(1)) << _U64(5))
+    return _U32(z & _U64(0xFFFFFFFF)) >> _U32(8)
+
+
+@_loop("void({T}[::1], {T}[::1], {T}[::1], uint64, int64, uint32, boolean, float32)")
+def prune_random(x, base, out, key, start, threshold, scale, factor):
+    """``out`` = the deltas ``x - base`` whose keyed 24-bit random number (element index
+    ``start + i``) is below ``threshold``, others a zero with their sign; with ``scale`` a
+    kept delta is multiplied by ``factor`` (rounded)."""
+    for i in range(x.size):
+        v = _round(_load(x[i]) - _load(base[i]), x[i])
+        kept = _round(_load(v) * factor, v) if scale else v
+        out[i] = kept if _uniform24(key, _U64(start + i)) < threshold else _sign(v)
+
+
+@numba.njit(inline="always", **_JIT)
+def _add_lanes(a, acc):
+    """``acc[l] += a[j]`` for every ``j = l mod 8``, in order: eight sums kept in registers,
+    the same on any machine (no reassociation)."""
+    s0, s1, s2, s3, s4, s5, s6, s7 = acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]
+    whole = a.size // 8 * 8
+    for j in range(0, whole, 8):
+        s0, s1, s2, s3 = s0 + a[j], s1 + a[j + 1], s2 + a[j + 2], s3 + a[j + 3]
+        s4, s5, s6, s7 = s4 + a[j + 4], s5 + a[j + 5], s6 + a[j + 6], s7 + a[j + 7]
+    acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7] = s0, s1, s2, s3, s4, s5, s6, s7
+    for j in range(whole, a.size):
+        acc[j & 7] += a[j]
+
+
+@_loop("UniTuple(float64, 2)({T}[::1], {T}[::1], uint64, int64, uint32)")
+def l1_random(x, base, key, start, threshold):
+    """(sum |x - base|, sum of those that ``prune_random`` keeps), in fp64: eight partial
+    sums by element index mod 8, added in order at the end."""
+    d = np.empty(TILE, x.dtype)
+    before = np.empty(TILE, np.float64)
+    after = np.empty(TILE, np.float64)
+    sums = np.zeros((2, 8))
+    for lo in range(0, x.size, TILE):
+        hi = min(lo + TILE, x.size)
+        _deltas(x[lo:hi], base[lo:hi], d)
+        first = _U64(start + lo)
+        for j in range(hi - lo):
+            a = abs(np.float64(_load(d[j])))
+            before[j] = a
+            after[j] = a if _uniform24(key, first + _U64(j)) < threshold else 0.0
+        _add_lanes(before[: hi - lo], sums[0])
+        _add_lanes(after[: hi - lo], sums[1])
+    return sums[0].sum(), sums[1].sum()
+
+
+@_loop("void({T}[::1], {T}[::1], {T}, {T}, int64[::1])")
+def count_ties(x, base, lo_key, hi_key, seen):
+    """Add to ``seen`` how many deltas ``x - base`` have magnitude key ``lo_key`` and how
+    many ``hi_key`` (both counted as ``hi_key`` when the keys are equal)."""
+    d = np.empty(TILE, x.dtype)
+    n_lo = n_hi = 0
+    for lo in range(0, x.size, TILE):
+        hi = min(lo + TILE, x.size)
+        _deltas(x[lo:hi], base[lo:hi], d)
+        for j in range(hi - lo):
+            key = _magnitude(d[j])
+            is_hi = key == hi_key
+            n_hi += is_hi
+            n_lo += (key == lo_key) & ~is_hi
+    seen[0] += n_lo
+    seen[1] += n_hi
+
+
+@_loop(
+    "void({T}[::1], {T}[:, ::1], float32[::1], {T}[::1], int64, int64, boolean, boolean, float32, float32)"
+)
+def combine(base, deltas, weights, out, start, stop, elect, normalize, divisor, lam):
+    """``gta.combine_eager`` with each torch op's rounding: the weighted deltas (n_models,
+    n) summed — with ``elect`` (TIES) only those whose sign agrees with the sum's — divided
+    (when ``normalize``) by the agreeing weights' sum (a zero sum by 1), or without
+    ``elect`` by ``divisor``; times ``lam``; plus the base; over elements [start, stop).
+    Each step runs over a tile of fp32 scratch, so every loop vectorizes."""
+    n_models = deltas.shape[0]
+    wd = np.empty((n_models, TILE), np.float32)
+    mixed = np.empty(TILE, np.float32)
+    total = np.empty(TILE, np.float32)
+    div = np.empty(TILE, np.float32)
+    for lo in range(start, stop, TILE):
+        n = min(TILE, stop - lo)
+        b = base[lo : lo + n]
+        for m in range(n_models):
+            w, dm, wdm = weights[m], deltas[m, lo : lo + n], wd[m]
+            for j in range(n):
+                wdm[j] = _rounded(_load(dm[j]) * w, b[j])
+        for j in range(n):  # torch's sum starts from +0 (so -0 deltas sum to +0)
+            mixed[j] = np.float32(0)
+            total[j] = np.float32(0)
+            div[j] = np.float32(0)
+        if elect:  # mergekit's get_mask(method="sum")
+            for m in range(n_models):
+                wdm = wd[m]
+                for j in range(n):
+                    total[j] += wdm[j]
+            # x agrees with the elected sign (+1 where the total is >= 0) iff it is nonzero
+            # and positive exactly where the total is non-negative
+            for m in range(n_models):
+                w, wdm = weights[m], wd[m]
+                for j in range(n):
+                    x = wdm[j]
+                    agree = np.float32(((x > 0) == (total[j] >= 0)) & (x != 0))
+                    mixed[j] += x * agree
+                    div[j] += agree * w
+            for j in range(n):
+                dv = _rounded(div[j], b[j])
+                div[j] = dv + np.float32(dv == 0)
+        else:
+            for m in range(n_models):
+                wdm = wd[m]
+                for j in range(n):
+                    mixed[j] += wdm[j]
+            for j in range(n):
+                div[j] = divisor
+        for j in range(n):
+            mixed[j] = _rounded(mixed[j], b[j])
+        if normalize:
+            for j in range(n):
+                mixed[j] = _rounded(mixed[j] / div[j], b[j])
+        if lam != 1:
+            for j in range(n):
+                mixed[j] = _rounded(mixed[j] * lam, b[j])
+        o = out[lo : lo + n]
+        for j in range(n):
+            o[j] = _round(_load(b[j]) + mixed[j], b[j])
+
+
+_BITS = {torch.bfloat16: torch.uint16, torch.float32: torch.uint32}
+KEY = {torch.bfloat16: np.uint16, torch.float32: np.uint32}  # magnitude keys, as the loops take them
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Whether the loops take ``x``: a CPU tensor of bfloat16 or float32."""
+    return x.dtype in _BITS and x.device.type == "cpu"
+
+
+def bits(x: torch.Tensor) -> np.ndarray:
+    """A CPU tensor's elements as a flat numpy integer view (a view when contiguous, so
+    a loop's writes land in the tensor)."""
+    return x.contiguous().view(_BITS[x.dtype]).reshape(-1).numpy()

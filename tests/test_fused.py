@@ -1,0 +1,132 @@
+"""fused: each compiled loop against the numpy/torch ops it replaces, bit for bit, on data
+chosen to hit its edges (ties in every tile, spans that end inside a tile, equal boundary
+keys, blocks split anywhere, signed zeros, NaN and infinities)."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+import torch
+
+from streammerge.methods import fused, select
+from streammerge.methods.rng import stream_key, uniform_bits24
+
+bf16, f32 = torch.bfloat16, torch.float32
+
+
+def _pair(dtype, n, seed, levels=9):
+    """x, base whose deltas take few distinct magnitudes: ties everywhere."""
+    gen = torch.Generator().manual_seed(seed)
+    base = (torch.randn(n, generator=gen) * 0.02).to(dtype)
+    steps = torch.randint(-levels, levels + 1, (n,), generator=gen).float() * 2**-10
+    x = (base.float() + steps).to(dtype)
+    x[::97] = base[::97]  # zero deltas
+    return x, base
+
+
+def _cuts(n, seed, parts=5):
+    rng = np.random.default_rng(seed)
+    inner = sorted(rng.choice(np.arange(1, n), size=parts - 1, replace=False).tolist())
+    return list(zip([0, *inner], [*inner, n]))
+
+
+@pytest.mark.parametrize("dtype", [bf16, f32])
+@pytest.mark.parametrize("earliest_high", [True, False])
+@pytest.mark.parametrize("scale", [False, True])
+def test_prune_window_is_keep_window_then_the_mask_in_any_blocks(dtype, earliest_high, scale):
+    n = 3 * fused.TILE + 171
+    x, base = _pair(dtype, n, seed=int(earliest_high) + 2 * int(scale))
+    delta = x - base
+    keys = np.sort(select.magnitude_keys_np(delta).astype(np.int64))
+    factor = torch.tensor(1.37, dtype=dtype)
+    for rank_lo, rank_hi in [(n // 2, n), (n // 3, n // 3 + 1), (5, n - 7), (0, n), (n // 2, n // 2 + 900)]:
+        bounds = [select.Boundary(int(keys[r]), int(np.searchsorted(keys, keys[r])),
+                                  int(np.count_nonzero(keys == keys[r]))) for r in (rank_lo, rank_hi - 1)]  # fmt: skip
+        expect_seen: dict = {}
+        mask = select.keep_window(delta, *bounds, rank_lo, rank_hi, expect_seen, earliest_high)
+        expect = select.apply_mask(delta, mask)
+        if scale:
+            expect = expect * factor
+        spans = [np.array(select.tie_span(b, rank_lo, rank_hi, earliest_high), np.int64) for b in bounds]
+        key = fused.KEY[dtype]
+        out = torch.empty_like(x)
+        seen = np.zeros(2, np.int64)
+        for lo, hi in _cuts(n, rank_lo):  # blocks in order, ties carried in ``seen``
+            fused.prune_window(fused.bits(x[lo:hi]), fused.bits(base[lo:hi]), fused.bits(out[lo:hi]),
+                               key(bounds[0].key), key(bounds[1].key), *spans, seen, scale,
+                               np.float32(factor.float()))  # fmt: skip
+        assert torch.equal(out.view(torch.uint8), expect.view(torch.uint8)), (rank_lo, rank_hi)
+        assert int(np.count_nonzero(mask)) == rank_hi - rank_lo
+        counted = np.zeros(2, np.int64)
+        fused.count_ties(fused.bits(x), fused.bits(base), key(bounds[0].key), key(bounds[1].key), counted)
+        assert seen.tolist() == counted.tolist()
+        assert sum(expect_seen.values()) == counted.sum()
+
+
+@pytest.mark.parametrize("dtype", [bf16, f32])
+def test_delta_histogram_is_the_bincount_of_the_keys(dtype):
+    x, base = _pair(dtype, 2 * fused.TILE + 5, seed=3, levels=300)
+    keys = select.magnitude_keys(x - base)
+    shift = 0 if dtype == bf16 else 16
+    counts = np.zeros(65536, np.int64)
+    for lo, hi in _cuts(x.numel(), 1):
+        fused.delta_histogram(fused.bits(x[lo:hi]), fused.bits(base[lo:hi]), shift, -1, counts)
+    assert np.array_equal(counts, select.histogram(keys, shift, None, None))
+    if dtype == f32:  # the low 16 bits within one high bin
+        high = int(np.argmax(counts))
+        low = np.zeros(65536, np.int64)
+        fused.delta_histogram(fused.bits(x), fused.bits(base), 0, high, low)
+        assert np.array_equal(low, select.histogram(keys, 0, high, None))
+        assert low.sum() == counts[high]
+
+
+@pytest.mark.parametrize("dtype", [bf16, f32])
+@pytest.mark.parametrize("scale", [False, True])
+def test_prune_random_is_the_keyed_mask(dtype, scale):
+    x, base = _pair(dtype, fused.TILE + 333, seed=4, levels=50)
+    x[10] = float("nan")
+    x[11] = float("inf")
+    key, start, threshold = stream_key(7, "t", 1), 1001, np.uint32(0.3 * 2**24)
+    factor = torch.tensor(2.5, dtype=dtype)
+    delta = x - base
+    expect = select.apply_mask(delta, uniform_bits24(key, start, x.numel()) < threshold)
+    if scale:
+        expect = expect * factor
+    out = torch.empty_like(x)
+    for lo, hi in _cuts(x.numel(), 2):
+        fused.prune_random(fused.bits(x[lo:hi]), fused.bits(base[lo:hi]), fused.bits(out[lo:hi]), key[0],
+                           start + lo, threshold, scale, np.float32(factor.float()))  # fmt: skip
+    assert torch.equal(out.view(torch.uint8), expect.view(torch.uint8))
+    finite = torch.isfinite(delta)
+    before, after = fused.l1_random(fused.bits(x[finite]), fused.bits(base[finite]), key[0], start, threshold)
+    assert before == pytest.approx(delta[finite].abs().double().sum().item(), rel=1e-12)
+    if not finite.all():
+        return
+    kept = select.apply_mask(delta, uniform_bits24(key, start, x.numel()) < threshold)
+    assert after == pytest.approx(kept.abs().double().sum().item(), rel=1e-12)
+
+
+def test_bfloat16_rounding_is_torchs():
+    """Random float32 patterns, exact halfway cases both ways, carries into the exponent,
+    overflow to infinity, subnormals and signed zeros round as torch's conversion does."""
+
+    @numba.njit
+    def round_all(values, out):
+        for i in range(values.size):
+            out[i] = fused._round(values[i], out[i])
+
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 2**32, (200_000,), generator=gen, dtype=torch.int64).numpy().astype(np.uint32)
+    raw[:4096] = (raw[:4096] & ~np.uint32(0xFFFF)) | np.uint32(0x8000)  # exact halfway
+    raw[4096:8192] = (raw[4096:8192] & ~np.uint32(0xFFFF)) | np.uint32(0x7FFF)
+    values = raw.view(np.float32)
+    values = np.concatenate([values[~np.isnan(values)], [0.0, -0.0, 3.4e38, -3.4e38, 1e-45, np.inf]])
+    values = values.astype(np.float32)
+    out = np.empty(values.size, np.uint16)
+    round_all(values, out)
+    expect = torch.from_numpy(values).to(bf16).view(torch.uint16).numpy()
+    assert np.array_equal(out, expect)
+    nan = np.empty(1, np.uint16)
+    round_all(np.array([np.nan], np.float32), nan)
+    assert nan[0] == torch.full((64,), float("nan")).to(bf16).view(torch.uint16)[0].item()  # 0xFFFF
