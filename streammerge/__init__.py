@@ -16,6 +16,7 @@ The package reads like the pipeline (DESIGN.md §1)::
       layers    layer stacks in tensor names; slices -> renumbered output tensors, t
       problems  input problems (architecture, layers, tensors, filters) grouped, all at once
     methods/    torch-free specs + pure torch kernels, one module per family
+      fused     compiled (numba) CPU loops for the task-arithmetic family, bit-identical
     execute     run a plan chunk by chunk within --max-memory (reader/compute/writer)
     write       OUT.partial/, pwrite at planned offsets, manifest, atomic rename
     integrity   verify: re-hash a finished merge against its manifest (and a config)
