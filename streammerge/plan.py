@@ -34,6 +34,12 @@ MIN_BLOCK_ELEMS = 1 << 16
 # glibc keeps freed kernel temporaries as heap holes: measured, the heap plateaus at about
 # 16 fp32 words per block element above the live temporaries (60 MiB at 1M-element blocks).
 HEAP_SLACK_WORDS = 16
+# Compiled loops (methods.fused) make few temporaries, but the executor's per-block dtype
+# conversions still leave holes: half the slack.
+COMPILED_SLACK_WORDS = 8
+# Blocks of many sizes (each tensor's last) fragment the heap by a further 7-9 MiB at any
+# budget (measured at 16-64 MiB): part of the runtime, beside --max-memory.
+HEAP_FIXED_NBYTES = 8 << 20
 # Resident memory of the runtime before any merge: the interpreter, numpy, torch (CPU build
 # 2.13), numba with the compiled loops (~150 MiB of it, mostly LLVM) and our modules,
 # measured on Linux x86-64 at 368 MiB; --max-memory comes on top.
@@ -118,8 +124,9 @@ class Estimate:
 
     @property
     def peak_rss_nbytes(self) -> int:
-        """The whole process: the runtime (interpreter, numpy, torch) plus the buffers."""
-        return RUNTIME_NBYTES + self.peak_nbytes
+        """The whole process: the runtime (interpreter, numpy, torch, numba), the heap's
+        fragmentation, and the buffers."""
+        return RUNTIME_NBYTES + HEAP_FIXED_NBYTES + self.peak_nbytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,9 +390,9 @@ def _estimate(jobs: tuple[Job, ...], budget: int) -> Estimate:
 def compute_block(jobs, budget: int, workers: int = 1) -> int:
     """Elements per compute block: halved from BLOCK_ELEMS until ``workers`` blocks'
     scratch fits a quarter of the budget (a floor of MIN_BLOCK_ELEMS)."""
-    words = max((_scratch_words(j) for j in jobs), default=0)
+    words = max((sum(_scratch_words(j)) for j in jobs), default=0)
     block = BLOCK_ELEMS
-    while block > MIN_BLOCK_ELEMS and workers * block * 4 * (words + HEAP_SLACK_WORDS) > budget // 4:
+    while block > MIN_BLOCK_ELEMS and workers * block * 4 * words > budget // 4:
         block //= 2
     return block
 
@@ -395,26 +402,29 @@ def compute_scratch(j: Job, block: int) -> int:
     passes run on their own fixed blocks (slerp: 1M elements, rows: whole rows), which can
     be larger than the combine block: scratch covers the largest. Statistics folds make
     few, block-sized temporaries: little heap slack."""
-    words = _scratch_words(j)
+    words, slack = _scratch_words(j)
     if not words:
         return 0
     stat, blk = _blocks(j, block)
-    return max(blk * (words + HEAP_SLACK_WORDS), stat * (words + STAT_SLACK_WORDS)) * 4
+    return max(blk * (words + slack), stat * (words + min(slack, STAT_SLACK_WORDS))) * 4
 
 
-def _scratch_words(j: Job) -> int:
+def _scratch_words(j: Job) -> tuple[int, int]:
+    """(words, heap slack words) per block element: compiled loops leave fewer heap holes."""
     if j.method == COPY:
-        return 0
+        return 0, 0
     spec = SPECS[j.method]
-    return spec.scratch_per_input * len(j.inputs) + spec.scratch_fixed
+    compiled = spec.compiled(j.work_dtype, j.shared_params)
+    per_input, fixed = compiled or (spec.scratch_per_input, spec.scratch_fixed)
+    return per_input * len(j.inputs) + fixed, COMPILED_SLACK_WORDS if compiled else HEAP_SLACK_WORDS
 
 
 def fold_window(j: Job) -> int:
     """Statistics blocks of ``j`` that may be folded at once: as many as fit in the
     scratch its combine blocks are given (the plan counts the larger of the two)."""
-    words = _scratch_words(j)
-    stat = max(j.stat_block_elems, 1) * (words + STAT_SLACK_WORDS)
-    return max(1, j.block_elems * (words + HEAP_SLACK_WORDS) // stat)
+    words, slack = _scratch_words(j)
+    stat = max(j.stat_block_elems, 1) * (words + min(slack, STAT_SLACK_WORDS))
+    return max(1, j.block_elems * (words + slack) // stat)
 
 
 def _blocks(j: Job, block: int) -> tuple[int, int]:

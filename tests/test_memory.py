@@ -18,11 +18,14 @@ from pathlib import Path
 import pytest
 
 from streammerge.demo import ModelSpec, write_checkpoint
+from streammerge.plan import HEAP_FIXED_NBYTES
 
 # 67M parameters, 134 MB in bf16 per model: three inputs are 25x a 16 MiB budget.
 MEDIUM = ModelSpec(layers=4, hidden=1024, intermediate=2816, vocab=8192, heads=16, kv_heads=8)
 BUDGET = 16 << 20
-SLACK = 16 << 20  # thread stacks, page tables and Python objects beyond the tensor buffers
+# thread stacks, page tables and Python objects beyond the tensor buffers, and the heap's
+# fragmentation, which the plan counts beside the budget (plan.HEAP_FIXED_NBYTES)
+SLACK = (16 << 20) + HEAP_FIXED_NBYTES
 
 PROBE = textwrap.dedent("""
     import json, sys
@@ -64,8 +67,9 @@ def test_peak_rss_is_budget_plus_fixed_overhead(medium, tmp_path):
     assert got["estimate"] <= BUDGET
     print({k: round(v / 2**20, 1) for k, v in got.items()}, "MiB")
     assert growth <= BUDGET + SLACK, {k: v / 2**20 for k, v in got.items()}
-    # The plan's estimate is what the executor really allocates (allocator slack included).
-    assert abs(growth - got["estimate"]) <= 0.1 * got["estimate"] + (8 << 20), got
+    # The plan's estimate is what the executor really allocates (allocator slack included),
+    # plus the heap fragmentation the plan adds to the runtime.
+    assert abs(growth - got["estimate"] - HEAP_FIXED_NBYTES) <= 0.1 * got["estimate"] + (4 << 20), got
 
 
 MEMCAP = Path(__file__).resolve().parents[2] / "shared" / "tools" / "memcap.sh"

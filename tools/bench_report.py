@@ -21,7 +21,7 @@ DEFINITIONS = """\
 - **vs mergekit**: mergekit-yaml seconds / streammerge seconds (throughput ratio).
 - **peak RSS**: the child process's high-water mark (`wait4` ru_maxrss), interpreter and torch
   included. **plan estimate**: `streammerge plan --json`'s `estimated_peak_rss_nbytes` (tensor
-  buffers for the same `--max-memory` plus the runtime's measured 370 MiB); **estimate vs peak** = estimate / peak RSS - 1.
+  buffers for the same `--max-memory` plus the runtime's measured 370 MiB and 8 MiB of heap fragmentation); **estimate vs peak** = estimate / peak RSS - 1.
 - **warm**: inputs read through the page cache before each run; **cold**: dropped from it with
   `posix_fadvise(DONTNEED)` before each run (the "cached" column, by `mincore`, shows it worked).
 """

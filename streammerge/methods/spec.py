@@ -49,6 +49,9 @@ class MethodSpec:
     # Compute scratch per block element, in fp32 words: per input, and fixed.
     scratch_per_input: int = 1
     scratch_fixed: int = 2
+    # By working dtype and shared parameters: the (per input, fixed) words when the combine
+    # runs compiled loops (``fused``), which make few block-sized temporaries; None: eager.
+    compiled: Callable[[str, dict], tuple[int, int] | None] = lambda work_dtype, shared: None
     # Statistics passes over the whole tensor before the combine pass, by working dtype
     # and shared parameters (e.g. an exact magnitude threshold needs 1 pass for 16-bit
     # deltas, 2 for fp32). Passes see fixed blocks of ``stat_block`` elements aligned to
@@ -110,6 +113,22 @@ def _gta_passes(preset: GTAPreset) -> Callable[[str, dict], int]:
     return passes
 
 
+def _gta_compiled(preset: GTAPreset) -> Callable[[str, dict], tuple[int, int] | None]:
+    """gta's compiled loops run for bfloat16 and float32 unless della's per-row ranks or a
+    paper-faithful option asks for the eager ops: a work-dtype copy of each input and its
+    pruned delta, and the output (``gta.gta``)."""
+
+    def compiled(work_dtype: str, shared: dict) -> tuple[int, int] | None:
+        eager = (
+            preset.sparsifier == "della_magprune"
+            or shared.get("rescale_mode") == "density"
+            or shared.get("sign_election") == "unweighted"
+        )
+        return None if eager or work_dtype not in ("BF16", "F32") else (2, 1)
+
+    return compiled
+
+
 def _gta_spec(name: str, preset: GTAPreset) -> MethodSpec:
     params = [
         Param("weight", float, Scope.NON_BASE),
@@ -136,7 +155,7 @@ def _gta_spec(name: str, preset: GTAPreset) -> MethodSpec:
     if preset.sparsifier == "della_magprune":
         params.append(Param("epsilon", float, Scope.NON_BASE, 0.15, minimum=0.0, maximum=1.0))
     return MethodSpec(
-        name, tuple(params), requires_base=True, scratch_per_input=3, scratch_fixed=4,
+        name, tuple(params), requires_base=True, scratch_per_input=3, scratch_fixed=4, compiled=_gta_compiled(preset),
         # 256K-element statistics blocks: large enough that two threads' numpy calls do not
         # queue on the GIL (64K: no gain from a second core); della's are whole rows
         stat_block=1 << 16 if preset.sparsifier == "della_magprune" else 1 << 18,
