@@ -166,3 +166,18 @@ def test_gta_through_the_compiled_loops_is_the_eager_ops(monkeypatch, dtype, met
     monkeypatch.setattr(fused, "supports", lambda x: False)
     eager = merge_tensors(method, [*xs, base], **kwargs)
     assert torch.equal(compiled.view(torch.uint8), eager.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [bf16, f32])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+def test_variance_is_torch_var_over_the_model_axis(dtype, rows):
+    gen = torch.Generator().manual_seed(rows)
+    xs = (torch.randn(rows, fused.TILE + 99, generator=gen) * 0.01).to(dtype)
+    xs[:, ::7] = 0
+    xs[0, ::11] = -0.0
+    xs[-1, ::13] = xs[0, ::13]
+    xs[0, 3], xs[-1, 4], xs[0, 5] = float("inf"), float("nan"), torch.finfo(dtype).max
+    out = torch.empty(xs.shape[1], dtype=dtype)
+    fused.variance(fused.bits(xs).reshape(rows, -1), fused.bits(out))
+    expect = torch.var(xs, dim=0, unbiased=False)
+    assert torch.equal(out.view(torch.uint8), expect.view(torch.uint8))

@@ -1,4 +1,4 @@
-"""Compiled elementwise loops (numba) for the task-arithmetic family's hot steps on CPU.
+"""Compiled elementwise loops (numba) for the task-arithmetic family's (and sce's) hot steps on CPU.
 
 Each loop does in one pass over a block what the numpy/torch code does in several passes
 with block-sized temporaries: the delta, its magnitude key, the keep decision (a rank
@@ -77,6 +77,18 @@ def _bf16_round(x, like):
     if x != x:  # NaN
         return _U16(0xFFFF)
     return _U16((u + _U32(0x7FFF) + ((u >> _U32(16)) & _U32(1))) >> _U32(16))
+
+
+def _round_scalar(x, like):
+    """``_round`` as torch's one-element conversion does it (a reduction's result): a NaN
+    becomes 0x7FC0 in bfloat16 (the vectorized conversion gives 0xFFFF)."""
+
+
+@overload(_round_scalar, jit_options=_INLINE)
+def _round_scalar_impl(x, like):
+    if like == types.uint16:
+        return lambda x, like: _round(x, like) if x == x else _U16(0x7FC0)
+    return lambda x, like: _bits(x)
 
 
 @overload(_load, jit_options=_INLINE)
@@ -337,6 +349,31 @@ def combine(base, deltas, weights, out, start, stop, elect, normalize, divisor, 
         o = out[lo : lo + n]
         for j in range(n):
             o[j] = _round(_load(b[j]) + mixed[j], b[j])
+
+
+@_loop("void({T}[:, ::1], {T}[::1])")
+def variance(xs, out):
+    """``torch.var(xs, dim=0, unbiased=False)``, bit for bit: torch's Welford recurrence in
+    float64 over the rows in order (mean += delta / k; m2 += delta * (x - mean)), then
+    m2 / n through float32 to the dtype (checked against torch.var in tests)."""
+    n_rows = xs.shape[0]
+    mean = np.empty(TILE, np.float64)
+    m2 = np.empty(TILE, np.float64)
+    for lo in range(0, xs.shape[1], TILE):
+        n = min(TILE, xs.shape[1] - lo)
+        for j in range(n):
+            mean[j] = 0.0
+            m2[j] = 0.0
+        for r in range(n_rows):
+            x, k = xs[r, lo : lo + n], np.float64(r + 1)
+            for j in range(n):
+                v = np.float64(_load(x[j]))
+                delta = v - mean[j]
+                mean[j] += delta / k
+                m2[j] += delta * (v - mean[j])
+        o = out[lo : lo + n]
+        for j in range(n):
+            o[j] = _round_scalar(np.float32(m2[j] / n_rows), o[j])
 
 
 _BITS = {torch.bfloat16: torch.uint16, torch.float32: torch.uint32}

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import register
+from . import fused, register
 from .select import Boundary, apply_mask, histogram, keep_window, key_bits, locate, magnitude_keys, refine
 
 
@@ -42,7 +42,13 @@ def _task_vectors(xs, base_index):
 
 
 def _variance(tvs: torch.Tensor) -> torch.Tensor:
-    return torch.var(tvs, dim=0, unbiased=False).reshape(-1)
+    """``torch.var(tvs, dim=0, unbiased=False)``, flat; by a compiled loop where it runs
+    (torch's reduction over the model axis costs ~100 ns per element on CPU)."""
+    if not fused.supports(tvs):
+        return torch.var(tvs, dim=0, unbiased=False).reshape(-1)
+    out = torch.empty(tvs[0].numel(), dtype=tvs.dtype)
+    fused.variance(fused.bits(tvs).reshape(len(tvs), -1), fused.bits(out))
+    return out
 
 
 def _keep(tvs, ctx, stats, state, select_topk):
