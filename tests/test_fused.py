@@ -181,3 +181,45 @@ def test_variance_is_torch_var_over_the_model_axis(dtype, rows):
     fused.variance(fused.bits(xs).reshape(rows, -1), fused.bits(out))
     expect = torch.var(xs, dim=0, unbiased=False)
     assert torch.equal(out.view(torch.uint8), expect.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [bf16, f32])
+@pytest.mark.parametrize("n_models", [1, 2, 3])
+def test_sce_combine_is_its_eager_ops(dtype, n_models):
+    from streammerge.methods.sce import _combine_eager
+
+    gen = torch.Generator().manual_seed(n_models)
+    n = fused.TILE + 77
+    base = (torch.randn(n, generator=gen) * 0.02).to(dtype)
+    tvs = (torch.randn(n_models, n, generator=gen) * 0.003).to(dtype)
+    tvs[:, ::5] = 0
+    tvs[0, ::7] = -0.0
+    tvs[-1, ::11] = -tvs[0, ::11]
+    base[::13] = -0.0
+    tvs[0, 3], tvs[-1, 4] = float("nan"), float("inf")
+    for weights in ([0.7, 0.2, 0.1][:n_models], [0.0] * n_models, [1e-7] * n_models):
+        w = torch.tensor(weights, dtype=dtype)
+        out = torch.empty_like(base)
+        fused.sce_combine(
+            fused.bits(base), fused.bits(tvs).reshape(n_models, -1), w.float().numpy(), fused.bits(out)
+        )
+        expect = _combine_eager(base, tvs, w)
+        assert torch.equal(out.view(torch.uint8), expect.view(torch.uint8)), weights
+
+
+@pytest.mark.parametrize("dtype", [bf16, f32])
+@pytest.mark.parametrize("topk", [1.0, 0.3])
+def test_sce_through_the_compiled_loops_is_the_eager_ops(monkeypatch, dtype, topk):
+    from streammerge.execute import merge_tensors
+
+    gen = torch.Generator().manual_seed(5)
+    base = (torch.randn(64, 500, generator=gen) * 0.02).to(dtype)
+    xs = [
+        (base.float() + torch.randint(-30, 31, base.shape, generator=gen) * 2**-12).to(dtype)
+        for _ in range(2)
+    ]
+    kwargs = dict(base_index=2, chunk_elems=12_000, block_elems=4_096, select_topk=topk)
+    compiled = merge_tensors("sce", [*xs, base], **kwargs)
+    monkeypatch.setattr(fused, "supports", lambda x: False)
+    eager = merge_tensors("sce", [*xs, base], **kwargs)
+    assert torch.equal(compiled.view(torch.uint8), eager.view(torch.uint8))

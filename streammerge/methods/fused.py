@@ -376,6 +376,44 @@ def variance(xs, out):
             o[j] = _round_scalar(np.float32(m2[j] / n_rows), o[j])
 
 
+@_loop("void({T}[::1], {T}[:, ::1], float32[::1], {T}[::1])")
+def sce_combine(base, tvs, weights, out):
+    """sce's erase and merge (``sce.sce``'s torch ops, each rounded as torch rounds): the
+    majority sign of the summed task vectors (+ where the sum is >= 0), each model's
+    weight where its task vector has that sign, the weighted agreeing task vectors
+    summed, divided by the agreeing weights' sum (at least 1e-6), plus the base."""
+    n_models = tvs.shape[0]
+    total = np.empty(TILE, np.float32)
+    merged = np.empty(TILE, np.float32)
+    den = np.empty(TILE, np.float32)
+    floor = np.float32(1e-6)
+    for lo in range(0, base.size, TILE):
+        n = min(TILE, base.size - lo)
+        b = base[lo : lo + n]
+        for j in range(n):  # torch's sums start from +0
+            total[j] = np.float32(0)
+            merged[j] = np.float32(0)
+            den[j] = np.float32(0)
+        for m in range(n_models):
+            t = tvs[m, lo : lo + n]
+            for j in range(n):
+                total[j] += _load(t[j])
+        for m in range(n_models):
+            w, t = weights[m], tvs[m, lo : lo + n]
+            for j in range(n):
+                v = _load(t[j])
+                positive = _rounded(total[j], b[j]) >= 0
+                erased = w * np.float32(((v > 0) & positive) | ((v < 0) & ~positive))
+                merged[j] += _rounded(v * erased, b[j])
+                den[j] += erased
+        o = out[lo : lo + n]
+        for j in range(n):
+            d = _rounded(den[j], b[j])
+            d = _rounded(floor, b[j]) if d < floor else d  # clamp(min=1e-6), NaN kept
+            q = _rounded(_rounded(merged[j], b[j]) / d, b[j])
+            o[j] = _round(_load(b[j]) + q, b[j])
+
+
 _BITS = {torch.bfloat16: torch.uint16, torch.float32: torch.uint32}
 KEY = {torch.bfloat16: np.uint16, torch.float32: np.uint32}  # magnitude keys, as the loops take them
 

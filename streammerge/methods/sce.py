@@ -109,10 +109,21 @@ def sce(xs, *, ctx, stats, state, base_index, select_topk=1.0, int8_mask=False):
     if not len(tvs):
         return base
     tvs = _keep(tvs, ctx, stats, state, select_topk)
-    # mergekit's sign_consensus_mask(method="sum"), unweighted
+    weights = stats[-1]
+    if fused.supports(base) and len(tvs) <= (4 if base.dtype == torch.float32 else 8):  # torch's sum order
+        out = torch.empty_like(base)
+        w = weights.to(base.dtype).float().numpy()
+        fused.sce_combine(fused.bits(base), fused.bits(tvs).reshape(len(tvs), -1), w, fused.bits(out))
+        return out
+    return _combine_eager(base, tvs, weights)
+
+
+def _combine_eager(base, tvs, weights):
+    """mergekit's ops: sign_consensus_mask(method="sum") unweighted, then the disjoint
+    weighted mean."""
     majority = (tvs.sum(dim=0) >= 0).to(tvs.dtype) * 2 - 1
     erase = tvs.sign() == majority
-    weights = stats[-1].to(base.device).reshape((len(tvs),) + (1,) * base.dim())
+    weights = weights.to(base.device).reshape((len(tvs),) + (1,) * base.dim())
     erased = weights * erase
     merged = (tvs * erased).sum(dim=0)
     return base + merged / torch.sum(erased, dim=0).clamp(min=1e-6)
