@@ -61,7 +61,8 @@ def test_every_method_is_identical_across_threads_and_budgets(path, small_root, 
     cfg = _on(path, small_root, tmp_path)
     # statistics blocks: slerp's are 1M elements, the task-arithmetic family's 256K
     method = yaml.safe_load(path.read_text())["merge_method"]
-    small = 64 << 20 if method == "slerp" else 32 << 20 if method in streammerge.methods.GTA else 12 << 20
+    large_stats = method in streammerge.methods.GTA or method == "sce"  # 256K-element statistics blocks
+    small = 64 << 20 if method == "slerp" else 32 << 20 if large_stats else 12 << 20
     runs = {}
     for label, budget, threads in [
         ("stream-1t", small, 1),

@@ -38,7 +38,11 @@ def _kinds(dtype: torch.dtype, select_topk: float) -> list[str]:
 
 def _task_vectors(xs, base_index):
     base = xs[base_index]
-    return base, torch.stack([x - base for i, x in enumerate(xs) if i != base_index], dim=0)
+    others = [x for i, x in enumerate(xs) if i != base_index]
+    tvs = base.new_empty((len(others), *base.shape))
+    for row, x in enumerate(others):
+        torch.sub(x, base, out=tvs[row])
+    return base, tvs
 
 
 def _variance(tvs: torch.Tensor) -> torch.Tensor:
@@ -62,7 +66,7 @@ def _keep(tvs, ctx, stats, state, select_topk):
         return tvs * 0
     k, boundaries = selected["k"], selected["boundaries"]
     keep = keep_window(_variance(tvs), *boundaries, n - k, n, state.setdefault("seen", {}), True)
-    return torch.stack([apply_mask(tv.reshape(-1), keep).reshape(tv.shape) for tv in tvs])
+    return apply_mask(tvs, keep)  # the same positions in every model
 
 
 def sce_fold(i, acc, xs, *, ctx, stats, state, base_index, select_topk=1.0, int8_mask=False):

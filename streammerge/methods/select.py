@@ -133,8 +133,9 @@ def magnitude_keys_np(x: torch.Tensor) -> np.ndarray:
 
 def apply_mask(x: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
     """``x * mask`` for a 0/1 mask, bit for bit (a dropped element becomes a zero with its
-    sign, as ``x * 0.0`` gives for finite x), done on the integer bit patterns."""
-    bits = x.detach().cpu().contiguous().reshape(-1).view(_INT_VIEW[x.dtype]).numpy()
+    sign, as ``x * 0.0`` gives for finite x), done on the integer bit patterns. A mask
+    shorter than ``x`` applies to each of its consecutive runs of ``mask.size`` elements."""
+    bits = x.detach().cpu().contiguous().reshape(-1, mask.size).view(_INT_VIEW[x.dtype]).numpy()
     np_int = _NP_INT[x.dtype]
     sign_only = np_int(np.iinfo(np_int).min)  # 0x8000 / 0x80000000
     keep = (-mask.astype(np_int)) | sign_only  # all ones where kept, the sign bit elsewhere

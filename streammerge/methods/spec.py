@@ -253,6 +253,7 @@ SPECS: dict[str, MethodSpec] = {
             scratch_per_input=4,
             scratch_fixed=6,
             passes=_sce_passes,
+            stat_block=1 << 18,  # 64K: per-call overhead of a dozen small ops was a third of the pass
             summary="keep high-variance positions, elect signs, weight models by their delta energy",
         ),  # fmt: skip
         MethodSpec(
