@@ -8,21 +8,29 @@ by default), ``R = m/‖m‖ · Σ w_i n_i`` (+ base). With one non-base input i
 unchanged; when ``‖m‖ < eps`` two inputs fall back to ``w_0 F_0 + w_1 F_1`` and more are an
 error, as in mergekit.
 
-Streaming: the norms and ‖m‖ come from two statistics passes, summed in fp64 over fixed
-blocks and rounded to D (mergekit: torch's whole-tensor reductions in D). Difference:
-mergekit then projects the U_i onto the tangent space at m/‖m‖ and maps their weighted sum
-back with the exponential map; in exact arithmetic that tangent sum is zero
+Streaming: the norms and ‖m‖ come from two statistics passes, summed in fp64 per fixed
+256K-element block (eight partial sums by element index mod 8 in the compiled loops for
+bfloat16 and float32, torch's sum otherwise), the block sums added in block order, and
+rounded to D (mergekit: torch's whole-tensor reductions in D). Difference: mergekit then
+projects the U_i onto the tangent space at m/‖m‖ and maps their weighted sum back with the
+exponential map; in exact arithmetic that tangent sum is zero
 (``Σ w_i (U_i − (U_i·m̂) m̂) = m − ‖m‖ m̂ = 0``), so mergekit adds rounding noise of about
 one ulp whose bits depend on its reduction order. We take it as the zero it is: outputs
 differ from mergekit's in the last bit of some elements (counted by the parity tool).
+
+On CPU in bfloat16 and float32 the passes and the combine run as compiled loops
+(``fused``'s rounding after every float32 op, bit-identical to the eager ops here).
 """
 
 from __future__ import annotations
 
+import numba
+import numpy as np
 import torch
 
 from ..errors import MethodError
-from . import register
+from . import fused, register
+from .fused import _JIT, TILE, _add_lanes, _load, _round, _rounded
 
 
 def _inputs(xs, base_index):
@@ -48,26 +56,163 @@ def _units(flat, norms, eps):
     return flat / (norms + eps)
 
 
+@numba.njit(inline="always", **_JIT)
+def _deltas(base, xs, lo, hi, has_base, d):
+    """``d[a, :hi - lo]`` = input ``a``'s elements [lo, hi) minus the base (rounded), as
+    float32; without a base the elements themselves."""
+    b = base[lo:hi]
+    for a in range(len(xs)):
+        x, da = xs[a][lo:hi], d[a]
+        if has_base:
+            for j in range(hi - lo):
+                da[j] = _rounded(_load(x[j]) - _load(b[j]), b[j])
+        else:
+            for j in range(hi - lo):
+                da[j] = _load(x[j])
+
+
+@numba.njit(inline="always", **_JIT)
+def _mean(d, n, like, divisors, weights, m):
+    """``m[:n]`` = round(Σ_a round(round(d_a / divisor_a) · w_a)): the sum over inputs in
+    float32 from +0, rounded once (torch's sum over a dimension)."""
+    for j in range(n):
+        m[j] = np.float32(0)
+    for a in range(d.shape[0]):
+        da, divisor, w = d[a], divisors[a], weights[a]
+        for j in range(n):
+            m[j] += _rounded(_rounded(da[j] / divisor, like[j]) * w, like[j])
+    for j in range(n):
+        m[j] = _rounded(m[j], like[j])
+
+
+@numba.njit(inline="always", **_JIT)
+def _lane_sums(out, lanes):
+    for r in range(out.size):
+        s = 0.0
+        for k in range(8):
+            s += lanes[r, k]
+        out[r] = s
+
+
+@numba.njit(**_JIT)  # compiled per number of inputs (a tuple of arrays), cached on disk
+def _square_sums(base, xs, has_base, out):
+    """``out[a]`` = Σ d_a² in fp64 (``d_a`` as in ``_deltas``): eight partial sums by
+    element index mod 8 (per tile, in tile order), added in order at the end."""
+    d = np.empty((len(xs), TILE), np.float32)
+    terms = np.empty(TILE, np.float64)
+    lanes = np.zeros((len(xs), 8))
+    for lo in range(0, base.size, TILE):
+        hi = min(lo + TILE, base.size)
+        _deltas(base, xs, lo, hi, has_base, d)
+        for a in range(len(xs)):
+            da = d[a]
+            for j in range(hi - lo):
+                v = np.float64(da[j])
+                terms[j] = v * v
+            _add_lanes(terms[: hi - lo], lanes[a])
+    _lane_sums(out, lanes)
+
+
+@numba.njit(**_JIT)
+def _mean_square_sum(base, xs, has_base, divisors, weights, out):
+    """``out[0]`` = Σ m² in fp64 (``m`` as in ``_mean``), summed as ``_square_sums``."""
+    d = np.empty((len(xs), TILE), np.float32)
+    m = np.empty(TILE, np.float32)
+    terms = np.empty(TILE, np.float64)
+    lanes = np.zeros((1, 8))
+    for lo in range(0, base.size, TILE):
+        hi = min(lo + TILE, base.size)
+        _deltas(base, xs, lo, hi, has_base, d)
+        _mean(d, hi - lo, base[lo:hi], divisors, weights, m)
+        for j in range(hi - lo):
+            v = np.float64(m[j])
+            terms[j] = v * v
+        _add_lanes(terms[: hi - lo], lanes[0])
+    _lane_sums(out, lanes)
+
+
+@numba.njit(**_JIT)
+def _combine(base, xs, has_base, divisors, weights, mean_norm, scale, out):
+    """``out`` = round(round(round(m / ‖m‖) · Σ w_a n_a) + base) (no base: not added)."""
+    d = np.empty((len(xs), TILE), np.float32)
+    m = np.empty(TILE, np.float32)
+    for lo in range(0, base.size, TILE):
+        hi = min(lo + TILE, base.size)
+        _deltas(base, xs, lo, hi, has_base, d)
+        b, o = base[lo:hi], out[lo:hi]
+        _mean(d, hi - lo, b, divisors, weights, m)
+        for j in range(hi - lo):
+            r = _rounded(_rounded(m[j] / mean_norm, b[j]) * scale, b[j])
+            o[j] = _round(r + _load(b[j]), b[j]) if has_base else _round(r, b[j])
+
+
+def _warm() -> None:
+    """Compile (or load from numba's cache) the loops for two inputs now, so the
+    compiler's time and memory stay out of a merge."""
+    for dtype in (torch.bfloat16, torch.float32):
+        x = fused.bits(torch.zeros(4, dtype=dtype))
+        two, ones = (x, x), np.ones(2, np.float32)
+        _square_sums(x, two, True, np.empty(2))
+        _mean_square_sum(x, two, True, ones, ones, np.empty(1))
+        _combine(x, two, True, ones, ones, np.float32(1), np.float32(1), x.copy())
+
+
+_warm()
+
+
+def _compiled_args(xs, base_index):
+    """(base or the first input as a stand-in, the other inputs, whether there is a base)
+    as the compiled loops take them."""
+    base, others = _inputs(xs, base_index)
+    bits = tuple(fused.bits(x) for x in others)
+    return (bits[0] if base is None else fused.bits(base)), bits, base is not None
+
+
+def _stat_vectors(stats, eps):
+    """The per-input divisors ``n_a + eps`` (rounded to D) and weights, as float32."""
+    norms, w = stats[0]
+    divisors = (norms + eps).reshape(-1).float().numpy()
+    return np.ascontiguousarray(divisors), np.ascontiguousarray(w.float().numpy())
+
+
 def multislerp_fold(i, acc, xs, *, stats, base_index, weight, normalize_weights=True, eps=1e-8):
     """Pass 0: each input's sum of squares (fp32 squares, like torch.norm). Pass 1: the sum
-    of squares of the weighted mean of the unit vectors (D)."""
-    _, flat = _flat(xs, base_index)
-    if i == 0:
-        sums = flat.float().double().square().sum(dim=1)
+    of squares of the weighted mean of the unit vectors (D). One block's sums, appended to
+    the tensor's list (added up in ``finish``, so any runs of blocks give the same bits)."""
+    if fused.supports(xs[0]):
+        base, others, has_base = _compiled_args(xs, base_index)
+        if i == 0:
+            sums = np.empty(len(others))
+            _square_sums(base, others, has_base, sums)
+        else:
+            sums = np.empty(1)
+            _mean_square_sum(base, others, has_base, *_stat_vectors(stats, eps), sums)
+        part = tuple(sums.tolist())
     else:
-        norms, w = stats[0]
-        mean = (_units(flat, norms, eps) * w.view(-1, 1)).sum(0)
-        sums = mean.float().double().square().sum().reshape(1)
-    return sums if acc is None else acc + sums
+        _, flat = _flat(xs, base_index)
+        if i == 0:
+            part = tuple(flat.float().double().square().sum(dim=1).tolist())
+        else:
+            norms, w = (s.to(flat.device) for s in stats[0])
+            mean = (_units(flat, norms, eps) * w.view(-1, 1)).sum(0)
+            part = (mean.float().double().square().sum().item(),)
+    acc = [] if acc is None else acc
+    acc.append(part)
+    return acc
+
+
+def multislerp_reduce(i, acc, partial, **params):
+    return partial if acc is None else acc + partial
 
 
 def multislerp_finish(i, acc, *, ctx, stats, base_index, weight, normalize_weights=True, eps=1e-8):
     dtype = ctx.work_dtype
+    totals = torch.tensor(acc[0], dtype=torch.float64)
+    for part in acc[1:]:  # block order
+        totals += torch.tensor(part, dtype=torch.float64)
     if i == 0:
-        return acc.sqrt().to(dtype).view(-1, 1), _weights(
-            weight, base_index, dtype, normalize_weights, acc.device
-        )
-    mean_norm = acc.sqrt().to(dtype)[0]
+        return totals.sqrt().to(dtype).view(-1, 1), _weights(weight, base_index, dtype, normalize_weights, "cpu")
+    mean_norm = totals.sqrt().to(dtype)[0]
     if mean_norm < eps and len(stats[0][1]) > 2:
         raise MethodError(
             f"multislerp: tensor {ctx.tensor}: the weighted mean of the inputs' directions is zero "
@@ -76,13 +221,20 @@ def multislerp_finish(i, acc, *, ctx, stats, base_index, weight, normalize_weigh
     return mean_norm
 
 
-@register("multislerp", fold=multislerp_fold, finish=multislerp_finish)
+@register("multislerp", fold=multislerp_fold, finish=multislerp_finish, reduce=multislerp_reduce)
 def multislerp(xs, *, stats, base_index, weight, normalize_weights=True, eps=1e-8):
     base, others = _inputs(xs, base_index)
     if len(others) == 1:
         return others[0]
     (norms, w), mean_norm = stats
+    if mean_norm >= eps and fused.supports(xs[0]):
+        scale = (norms.squeeze(-1) * w).sum()
+        out = torch.empty_like(others[0])
+        floats = (np.float32(mean_norm.float().item()), np.float32(scale.float().item()))
+        _combine(*_compiled_args(xs, base_index), *_stat_vectors(stats, eps), *floats, fused.bits(out))
+        return out
     _, flat = _flat(xs, base_index)
+    norms, w, mean_norm = norms.to(flat.device), w.to(flat.device), mean_norm.to(flat.device)
     if mean_norm < eps:  # two inputs: mergekit's linear fallback
         result = flat[0] * w[0] + flat[1] * w[1]
     else:

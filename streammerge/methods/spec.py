@@ -228,7 +228,10 @@ SPECS: dict[str, MethodSpec] = {
             ),
             scratch_per_input=4,
             scratch_fixed=4,
+            # compiled: a work-dtype copy of each input (when it converts) and the output
+            compiled=lambda work_dtype, shared: (1, 1) if work_dtype in ("BF16", "F32") else None,
             passes=lambda work_dtype, shared: 2,  # the norms, then the norm of the mean direction
+            stat_block=1 << 18,
             summary="spherical barycentre of several models (or task vectors from a base), by weight",
         ),  # fmt: skip
         MethodSpec(
@@ -275,7 +278,12 @@ SPECS: dict[str, MethodSpec] = {
             min_inputs=3,
             scratch_per_input=2,
             scratch_fixed=4,
+            # compiled: a work-dtype copy of each input (when it converts) and the output
+            compiled=lambda work_dtype, shared: (
+                None if shared.get("filter_wise") or work_dtype not in ("BF16", "F32") else (1, 1)
+            ),
             passes=lambda work_dtype, shared: 0 if shared.get("filter_wise") else 1,
+            stat_block=1 << 18,
             rows=lambda shared: bool(shared.get("filter_wise")),
             summary="base + t * (mean fine-tune - base), t from the angle between the deltas",
         ),  # fmt: skip
