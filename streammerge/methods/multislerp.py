@@ -9,17 +9,19 @@ unchanged; when ``‖m‖ < eps`` two inputs fall back to ``w_0 F_0 + w_1 F_1`` 
 error, as in mergekit.
 
 Streaming: the norms and ‖m‖ come from two statistics passes, summed in fp64 per fixed
-256K-element block (eight partial sums by element index mod 8 in the compiled loops for
-bfloat16 and float32, torch's sum otherwise), the block sums added in block order, and
-rounded to D (mergekit: torch's whole-tensor reductions in D). Difference: mergekit then
-projects the U_i onto the tangent space at m/‖m‖ and maps their weighted sum back with the
-exponential map; in exact arithmetic that tangent sum is zero
+128K-element block (as ``model_stock``'s: in the compiled loops one partial sum per
+element position in a 2048-element tile; torch's sum otherwise), the block sums added in
+block order, and rounded to D (mergekit: torch's whole-tensor reductions in D).
+Difference: mergekit then projects the U_i onto the tangent space at m/‖m‖ and maps their
+weighted sum back with the exponential map; in exact arithmetic that tangent sum is zero
 (``Σ w_i (U_i − (U_i·m̂) m̂) = m − ‖m‖ m̂ = 0``), so mergekit adds rounding noise of about
 one ulp whose bits depend on its reduction order. We take it as the zero it is: outputs
 differ from mergekit's in the last bit of some elements (counted by the parity tool).
 
 On CPU in bfloat16 and float32 the passes and the combine run as compiled loops
-(``fused``'s rounding after every float32 op, bit-identical to the eager ops here).
+(``fused``'s rounding after every float32 op, bit-identical to the eager ops here) where
+their float32 left fold over the inputs in ``m`` is torch's order: up to 4 fp32 or 8
+bfloat16 inputs (``gta.fast_combine_exact``); with more, the eager ops run.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import torch
 
 from ..errors import MethodError
 from . import fused, register
-from .fused import _JIT, TILE, _add_lanes, _load, _round, _rounded
+from .gta import fast_combine_exact
+from .fused import _JIT, TILE, _load, _round, _rounded
+from .model_stock import lane_totals
 
 
 def _inputs(xs, base_index):
@@ -85,32 +89,21 @@ def _mean(d, n, like, divisors, weights, m):
         m[j] = _rounded(m[j], like[j])
 
 
-@numba.njit(inline="always", **_JIT)
-def _lane_sums(out, lanes):
-    for r in range(out.size):
-        s = 0.0
-        for k in range(8):
-            s += lanes[r, k]
-        out[r] = s
-
-
 @numba.njit(**_JIT)  # compiled per number of inputs (a tuple of arrays), cached on disk
 def _square_sums(base, xs, has_base, out):
-    """``out[a]`` = Σ d_a² in fp64 (``d_a`` as in ``_deltas``): eight partial sums by
-    element index mod 8 (per tile, in tile order), added in order at the end."""
+    """``out[a]`` = Σ d_a² in fp64 (``d_a`` as in ``_deltas``): one partial sum per element
+    position in a tile (so the adds vectorize), those summed by ``lane_totals``."""
     d = np.empty((len(xs), TILE), np.float32)
-    terms = np.empty(TILE, np.float64)
-    lanes = np.zeros((len(xs), 8))
+    lanes = np.zeros((len(xs), TILE))
     for lo in range(0, base.size, TILE):
         hi = min(lo + TILE, base.size)
         _deltas(base, xs, lo, hi, has_base, d)
         for a in range(len(xs)):
-            da = d[a]
+            da, acc = d[a], lanes[a]
             for j in range(hi - lo):
                 v = np.float64(da[j])
-                terms[j] = v * v
-            _add_lanes(terms[: hi - lo], lanes[a])
-    _lane_sums(out, lanes)
+                acc[j] += v * v
+    lane_totals(lanes, out)
 
 
 @numba.njit(**_JIT)
@@ -118,17 +111,16 @@ def _mean_square_sum(base, xs, has_base, divisors, weights, out):
     """``out[0]`` = Σ m² in fp64 (``m`` as in ``_mean``), summed as ``_square_sums``."""
     d = np.empty((len(xs), TILE), np.float32)
     m = np.empty(TILE, np.float32)
-    terms = np.empty(TILE, np.float64)
-    lanes = np.zeros((1, 8))
+    lanes = np.zeros((1, TILE))
+    acc = lanes[0]
     for lo in range(0, base.size, TILE):
         hi = min(lo + TILE, base.size)
         _deltas(base, xs, lo, hi, has_base, d)
         _mean(d, hi - lo, base[lo:hi], divisors, weights, m)
         for j in range(hi - lo):
             v = np.float64(m[j])
-            terms[j] = v * v
-        _add_lanes(terms[: hi - lo], lanes[0])
-    _lane_sums(out, lanes)
+            acc[j] += v * v
+    lane_totals(lanes, out)
 
 
 @numba.njit(**_JIT)
@@ -160,6 +152,11 @@ def _warm() -> None:
 _warm()
 
 
+def _compiled(xs, base_index) -> bool:
+    n = len(xs) - (base_index is not None)
+    return fused.supports(xs[0]) and fast_combine_exact(xs[0].dtype, n)
+
+
 def _compiled_args(xs, base_index):
     """(base or the first input as a stand-in, the other inputs, whether there is a base)
     as the compiled loops take them."""
@@ -179,7 +176,7 @@ def multislerp_fold(i, acc, xs, *, stats, base_index, weight, normalize_weights=
     """Pass 0: each input's sum of squares (fp32 squares, like torch.norm). Pass 1: the sum
     of squares of the weighted mean of the unit vectors (D). One block's sums, appended to
     the tensor's list (added up in ``finish``, so any runs of blocks give the same bits)."""
-    if fused.supports(xs[0]):
+    if _compiled(xs, base_index):
         base, others, has_base = _compiled_args(xs, base_index)
         if i == 0:
             sums = np.empty(len(others))
@@ -227,7 +224,7 @@ def multislerp(xs, *, stats, base_index, weight, normalize_weights=True, eps=1e-
     if len(others) == 1:
         return others[0]
     (norms, w), mean_norm = stats
-    if mean_norm >= eps and fused.supports(xs[0]):
+    if mean_norm >= eps and _compiled(xs, base_index):
         scale = (norms.squeeze(-1) * w).sum()
         out = torch.empty_like(others[0])
         floats = (np.float32(mean_norm.float().item()), np.float32(scale.float().item()))

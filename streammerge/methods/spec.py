@@ -231,7 +231,7 @@ SPECS: dict[str, MethodSpec] = {
             # compiled: a work-dtype copy of each input (when it converts) and the output
             compiled=lambda work_dtype, shared: (1, 1) if work_dtype in ("BF16", "F32") else None,
             passes=lambda work_dtype, shared: 2,  # the norms, then the norm of the mean direction
-            stat_block=1 << 18,
+            stat_block=1 << 17,
             summary="spherical barycentre of several models (or task vectors from a base), by weight",
         ),  # fmt: skip
         MethodSpec(
@@ -283,7 +283,7 @@ SPECS: dict[str, MethodSpec] = {
                 None if shared.get("filter_wise") or work_dtype not in ("BF16", "F32") else (1, 1)
             ),
             passes=lambda work_dtype, shared: 0 if shared.get("filter_wise") else 1,
-            stat_block=1 << 18,
+            stat_block=1 << 17,
             rows=lambda shared: bool(shared.get("filter_wise")),
             summary="base + t * (mean fine-tune - base), t from the angle between the deltas",
         ),  # fmt: skip
