@@ -84,7 +84,9 @@ def _multislerp(xs, base, weights, normalize, eager: bool, monkeypatch):
         monkeypatch.undo()
 
 
-@pytest.mark.parametrize("dtype, k", [(bf16, 2), (bf16, 3), (bf16, 8), (f32, 2), (f32, 3), (f32, 4), (f32, 5)])
+@pytest.mark.parametrize(
+    "dtype, k", [(bf16, 2), (bf16, 3), (bf16, 8), (f32, 2), (f32, 3), (f32, 4), (f32, 5)]
+)
 @pytest.mark.parametrize("with_base", [True, False])
 def test_multislerp_is_the_eager_ops(dtype, k, with_base, monkeypatch):
     """Up to 8 bfloat16 or 4 fp32 inputs the compiled loops run (5 fp32: the eager ops)."""

@@ -32,8 +32,8 @@ import torch
 
 from ..errors import MethodError
 from . import fused, register
-from .gta import fast_combine_exact
 from .fused import _JIT, TILE, _load, _round, _rounded
+from .gta import fast_combine_exact
 from .model_stock import lane_totals
 
 
@@ -208,7 +208,9 @@ def multislerp_finish(i, acc, *, ctx, stats, base_index, weight, normalize_weigh
     for part in acc[1:]:  # block order
         totals += torch.tensor(part, dtype=torch.float64)
     if i == 0:
-        return totals.sqrt().to(dtype).view(-1, 1), _weights(weight, base_index, dtype, normalize_weights, "cpu")
+        return totals.sqrt().to(dtype).view(-1, 1), _weights(
+            weight, base_index, dtype, normalize_weights, "cpu"
+        )
     mean_norm = totals.sqrt().to(dtype)[0]
     if mean_norm < eps and len(stats[0][1]) > 2:
         raise MethodError(
