@@ -60,14 +60,17 @@ def _columns(ctx, n: int, device) -> torch.Tensor:
     return torch.arange(ctx.offset, ctx.offset + n, device=device) % _vector_count(ctx)
 
 
-def _sum(values: torch.Tensor, columns: torch.Tensor | None, size: int, acc):
-    """fp64 sum of ``values`` (per vector when ``columns`` is given), added to ``acc``."""
+def _sum(values: torch.Tensor, columns: torch.Tensor | None, size: int) -> float | np.ndarray:
+    """fp64 sum of ``values`` from +0, or per vector (every one) when ``columns`` is given."""
     values = values.double().reshape(-1)
     if columns is None:
-        total = values.sum().reshape(1)
-    else:
-        total = torch.zeros(size, dtype=torch.float64, device=values.device).index_add_(0, columns, values)
-    return total if acc is None else acc.add_(total)
+        return values.sum().item()
+    return (
+        torch.zeros(size, dtype=torch.float64, device=values.device)
+        .index_add_(0, columns, values)
+        .cpu()
+        .numpy()
+    )
 
 
 def _per_element(stat: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
@@ -78,18 +81,36 @@ def nuslerp_fold(i, acc, xs, *, ctx, stats, base_index, weight, nuslerp_flatten=
     """Pass 0: sums of squares of v0 and v1 (fp32 squares, like torch.norm). Pass 1: the
     dot product of the normalised vectors, products rounded to D as mergekit multiplies.
     Flattened: one sum each; row-wise: one per column (vector along dim 0). Each block's
-    sums start from +0 and join the running sums in block order."""
+    sums start from +0 and are kept, in block order, for ``nuslerp_reduce`` to add up."""
+    acc = [] if acc is None else acc
     if fused.supports(xs[0]):
-        return _fold_compiled(i, acc, xs, ctx, stats, base_index, nuslerp_flatten)
+        acc.append(_block_compiled(i, xs, ctx, stats, base_index, nuslerp_flatten))
+        return acc
     _, v0, v1, _ = _vectors(xs, base_index)
     columns, size = (
         (None, 1) if nuslerp_flatten else (_columns(ctx, v0.numel(), v0.device), _vector_count(ctx))
     )
-    a, b = acc or (None, None)
     if i == 0:
-        return _sum(v0.float().square(), columns, size, a), _sum(v1.float().square(), columns, size, b)
-    n0, n1 = (_per_element(n, columns) for n in stats[0])
-    return _sum((v0 / n0) * (v1 / n1), columns, size, a), None
+        sums = _sum(v0.float().square(), columns, size), _sum(v1.float().square(), columns, size)
+    else:
+        n0, n1 = (_per_element(n, columns) for n in stats[0])
+        sums = (_sum((v0 / n0) * (v1 / n1), columns, size),)
+    acc.append(sums if nuslerp_flatten else (ctx.offset, np.stack(sums)))
+    return acc
+
+
+def nuslerp_reduce(i, acc, partial, *, ctx, **params):
+    """Add a run's block sums onto the running sums, in block order: a tuple of fp64 sums
+    (flattened), or an array (sums, columns) joined by ``join_columns``."""
+    for block in partial:
+        if isinstance(block[-1], np.ndarray):  # (first element, part (sums, columns))
+            first, part = block
+            fresh = acc is None
+            acc = np.zeros((part.shape[0], _vector_count(ctx))) if fresh else acc
+            join_columns(part, acc, first, fresh)
+        else:
+            acc = block if acc is None else tuple(a + s for a, s in zip(acc, block))
+    return acc
 
 
 def _operands(xs, base_index) -> tuple:
@@ -100,21 +121,19 @@ def _operands(xs, base_index) -> tuple:
     return x0, x1, (x0 if base_index is None else fused.bits(xs[base_index])), base_index is not None
 
 
-def _fold_compiled(i, acc, xs, ctx, stats, base_index, flatten):
-    """``nuslerp_fold`` in the compiled loops: Python floats when flattened (the block sums
-    in fp64 lanes), else fp64 arrays (sums, columns)."""
+def _block_compiled(i, xs, ctx, stats, base_index, flatten) -> tuple:
+    """One block's sums from the compiled loops: Python floats when flattened (summed in
+    fp64 lanes), else (first element, fp64 array (sums, columns) as ``join_columns`` takes)."""
     operands = _operands(xs, base_index)
     if flatten:
         if i == 0:
-            sums = flat_squares(*operands)
-        else:
-            sums = (flat_dot(*operands, *(np.float32(n.item()) for n in stats[0])),)
-        return sums if acc is None else tuple(a + s for a, s in zip(acc, sums))
+            return flat_squares(*operands)
+        return (flat_dot(*operands, *(np.float32(n.item()) for n in stats[0])),)
+    ncols = _vector_count(ctx)
     norms = np.stack([n.float().numpy() for n in stats[0]]) if i else np.empty((2, 0), np.float32)
-    fresh = acc is None
-    acc = np.zeros((1 if i else 2, _vector_count(ctx))) if fresh else acc
-    column_sums(*operands, ctx.offset, norms, acc, fresh)
-    return acc
+    part = np.zeros((1 if i else 2, min(ncols, xs[0].numel())))
+    column_block(*operands, ctx.offset, ncols, norms, part)
+    return ctx.offset, part
 
 
 def nuslerp_finish(i, acc, *, ctx, stats, base_index, weight, nuslerp_flatten=True, nuslerp_row_wise=False):
@@ -186,10 +205,11 @@ def flat_dot(x0, x1, base, has_base, n0, n1):
     return _total(lanes)
 
 
-@numba.njit(inline="always", **_JIT)
-def _fold_columns(part, acc, first, fresh):
+@numba.njit("void(float64[:, ::1], float64[:, ::1], int64, boolean)", **_JIT)
+def join_columns(part, acc, first, fresh):
     """Add a block's per-column sums ``part`` onto ``acc`` (set it on the tensor's first
-    block): ``part`` is by column when it holds every column, else by element from ``first``."""
+    block): ``part`` is by column when it holds every column, else by element from ``first``
+    (each column at most once); columns the block does not hold are left as they are."""
     ncols = acc.shape[1]
     for k in range(acc.shape[0]):
         p, a = part[k], acc[k]
@@ -198,20 +218,19 @@ def _fold_columns(part, acc, first, fresh):
                 a[c] = p[c] if fresh else a[c] + p[c]
             continue
         c0 = first % ncols
-        for j in range(p.size):  # fewer elements than columns: each column at most once
+        for j in range(p.size):
             c = c0 + j - ncols if c0 + j >= ncols else c0 + j
             a[c] = p[j] if fresh else a[c] + p[j]
 
 
-@_loop("void({T}[::1], {T}[::1], {T}[::1], boolean, int64, float32[:, ::1], float64[:, ::1], boolean)")
-def column_sums(x0, x1, base, has_base, first, norms, acc, fresh):
-    """One block of a row-wise statistics pass, onto ``acc``: each column's block sum starts
-    from +0 and adds its elements in element order (``index_add_``), then joins ``acc``.
-    ``norms`` empty: the float32 squares of v0 and v1 (``acc`` (2, ncols)); else (2, ncols)
-    the columns' norms: the products (v0 / n0)·(v1 / n1) rounded to D (``acc`` (1, ncols))."""
-    n, ncols = x0.size, acc.shape[1]
+@_loop("void({T}[::1], {T}[::1], {T}[::1], boolean, int64, int64, float32[:, ::1], float64[:, ::1])")
+def column_block(x0, x1, base, has_base, first, ncols, norms, part):
+    """One block of a row-wise statistics pass into ``part`` (zeros, (sums, min(ncols, n))):
+    each column's sum adds its elements in element order (``index_add_``). ``norms`` empty:
+    the float32 squares of v0 and v1; else (2, ncols) the columns' norms: the products
+    (v0 / n0)·(v1 / n1) rounded to D."""
+    n = x0.size
     dot = norms.shape[1] > 0
-    part = np.zeros((acc.shape[0], min(ncols, n)))
     v0 = np.empty(min(ncols, n), np.float32)
     v1 = np.empty(min(ncols, n), np.float32)
     pos = 0
@@ -234,7 +253,6 @@ def column_sums(x0, x1, base, has_base, first, norms, acc, fresh):
                 p0[j] += np.float64(v0[j] * v0[j])
                 p1[j] += np.float64(v1[j] * v1[j])
         pos += seg
-    _fold_columns(part, acc, first, fresh)
 
 
 @_loop(
@@ -263,7 +281,7 @@ def interpolate(x0, x1, base, has_base, first, coef, colinear, s, t, out):
         pos += seg
 
 
-@register("nuslerp", fold=nuslerp_fold, finish=nuslerp_finish)
+@register("nuslerp", fold=nuslerp_fold, finish=nuslerp_finish, reduce=nuslerp_reduce)
 def nuslerp(xs, *, ctx, stats, base_index, weight, nuslerp_flatten=True, nuslerp_row_wise=False):
     if stats and fused.supports(xs[0]):
         return _combine_compiled(xs, ctx, stats, base_index, weight)
