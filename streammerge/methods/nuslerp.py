@@ -9,6 +9,15 @@ last bit (counted by the parity tool). Without flattening every row is its own v
 the computation is mergekit's own, bit for bit. ``nuslerp_row_wise`` (without flattening;
 vectors along dim 0, i.e. the columns of a matrix, the reverse of mergekit's docs' wording)
 gets each column's norms and cosine from the same two passes, one fp64 sum per column.
+
+Each statistics block's sums start from +0 and join the running sums in block order, so
+blocks fold on every core with the same bits. For bfloat16 and float32 on CPU the two
+statistics modes run compiled loops (numba, ``fused``'s conventions), each step the eager
+op's with its rounding to D; the only difference is the order of a flattened block's fp64
+sum (eight fixed lanes here, torch's vectorised order, which depends on the CPU and thread
+count, in the eager ops): an fp64 rounding difference that would have to land on a D
+rounding boundary to show (tests/test_nuslerp.py compares the two). A row-wise block keeps
+one fp64 sum per column it holds, ``min(columns, 65536)``, until the run's blocks join.
 """
 
 from __future__ import annotations
@@ -178,16 +187,20 @@ def _total(lanes) -> np.float64:
 def flat_squares(x0, x1, base, has_base):
     """(sum v0², sum v1²) of a block: float32 squares (as ``torch.norm``) summed in fp64
     in eight lanes by element index mod 8, the lanes added in order at the end."""
-    v = np.empty(TILE, np.float32)
-    sq = np.empty(TILE, np.float64)
+    v0 = np.empty(TILE, np.float32)
+    v1 = np.empty(TILE, np.float32)
+    sq = np.empty((2, TILE), np.float64)
     lanes = np.zeros((2, 8))
     for lo in range(0, x0.size, TILE):
         hi = min(lo + TILE, x0.size)
-        for k, x in enumerate((x0, x1)):
-            _task(x[lo:hi], base[lo:hi], has_base, v)
-            for j in range(hi - lo):
-                sq[j] = np.float64(v[j] * v[j])
-            _add_lanes(sq[: hi - lo], lanes[k])
+        _task(x0[lo:hi], base[lo:hi], has_base, v0)
+        _task(x1[lo:hi], base[lo:hi], has_base, v1)
+        sq0, sq1 = sq[0, : hi - lo], sq[1, : hi - lo]
+        for j in range(hi - lo):
+            sq0[j] = np.float64(v0[j] * v0[j])
+            sq1[j] = np.float64(v1[j] * v1[j])
+        _add_lanes(sq0, lanes[0])
+        _add_lanes(sq1, lanes[1])
     return _total(lanes[0]), _total(lanes[1])
 
 
@@ -261,28 +274,45 @@ def column_block(x0, x1, base, has_base, first, ncols, norms, part):
 
 
 @_loop(
-    "void({T}[::1], {T}[::1], {T}[::1], boolean, int64, float32[:, ::1], boolean[::1], float32, float32, {T}[::1])"
+    "void({T}[::1], {T}[::1], {T}[::1], boolean, int64, float32[:, ::1], boolean[::1], int64, float32, float32,"
+    " {T}[::1])"
 )
-def interpolate(x0, x1, base, has_base, first, coef, colinear, s, t, out):
+def interpolate(x0, x1, base, has_base, first, coef, colinear, paths, s, t, out):
     """``out`` = (base +) the slerp of v0 and v1 with each column's coefficients ``coef``
     (3, ncols) = sin((1-t)θ), sin(tθ), sin θ, or the lerp (1-t)·v0 + t·v1 (``s`` = 1 - t)
-    where the column is ``colinear``; every product, sum and quotient rounded to D."""
+    where the column is ``colinear``; every product, sum and quotient rounded to D.
+    ``paths``: 0 when no column is colinear, 1 when all are, else 2 (each element picks)."""
+    v0 = np.empty(TILE, np.float32)
+    v1 = np.empty(TILE, np.float32)
+    r = np.empty(TILE, np.float32)
     n, ncols = x0.size, coef.shape[1]
     pos = 0
     while pos < n:
         c = (first + pos) % ncols
-        seg = min(ncols - c, n - pos)
-        a0, a1, b = x0[pos : pos + seg], x1[pos : pos + seg], base[pos : pos + seg]
-        o, lin = out[pos : pos + seg], colinear[c : c + seg]
-        s0, s1, sn = coef[0, c : c + seg], coef[1, c : c + seg], coef[2, c : c + seg]
-        for j in range(seg):
-            x = a0[j]
-            v0 = _rounded(_load(x) - _load(b[j]), x) if has_base else _load(x)
-            v1 = _rounded(_load(a1[j]) - _load(b[j]), x) if has_base else _load(a1[j])
-            arc = _rounded(_rounded(_rounded(s0[j] * v0, x) + _rounded(s1[j] * v1, x), x) / sn[j], x)
-            line = _rounded(_rounded(s * v0, x) + _rounded(t * v1, x), x)
-            r = line if lin[j] else arc
-            o[j] = _round(_load(b[j]) + r, x) if has_base else _round(r, x)
+        seg = min(ncols - c, n - pos, TILE)
+        x, b, o = x0[pos : pos + seg], base[pos : pos + seg], out[pos : pos + seg]
+        _task(x, b, has_base, v0)
+        _task(x1[pos : pos + seg], b, has_base, v1)
+        s0, s1, sn, lin = (
+            coef[0, c : c + seg],
+            coef[1, c : c + seg],
+            coef[2, c : c + seg],
+            colinear[c : c + seg],
+        )
+        if paths != 1:
+            for j in range(seg):
+                arc = _rounded(_rounded(s0[j] * v0[j], x[j]) + _rounded(s1[j] * v1[j], x[j]), x[j])
+                r[j] = _rounded(arc / sn[j], x[j])
+        if paths != 0:
+            for j in range(seg):
+                line = _rounded(_rounded(s * v0[j], x[j]) + _rounded(t * v1[j], x[j]), x[j])
+                r[j] = line if paths == 1 or lin[j] else r[j]
+        if has_base:
+            for j in range(seg):
+                o[j] = _round(_load(b[j]) + r[j], x[j])
+        else:
+            for j in range(seg):
+                o[j] = _round(r[j], x[j])
         pos += seg
 
 
@@ -317,8 +347,8 @@ def _combine_compiled(xs, ctx, stats, base_index, weight) -> torch.Tensor:
     if coef.shape[1] < TILE:  # few columns: repeat them, so the loop runs long segments
         reps = -(-TILE // coef.shape[1])
         coef, lin = np.tile(coef, (1, reps)), np.tile(lin, reps)
+    paths = 2 if lin.any() and not lin.all() else int(lin.all())
     out = torch.empty_like(xs[0])
-    interpolate(
-        *_operands(xs, base_index), ctx.offset, coef, lin, np.float32(1 - t), np.float32(t), fused.bits(out)
-    )
+    operands = _operands(xs, base_index)
+    interpolate(*operands, ctx.offset, coef, lin, paths, np.float32(1 - t), np.float32(t), fused.bits(out))
     return out
