@@ -173,6 +173,12 @@ def _nuslerp_stats(shared: dict) -> bool:
     return shared.get("nuslerp_flatten", True) or shared.get("nuslerp_row_wise", False)
 
 
+def _nuslerp_compiled(work_dtype: str, shared: dict) -> tuple[int, int] | None:
+    """nuslerp's compiled loops run the statistics modes for bfloat16 and float32: a
+    work-dtype copy of each input (none when it is already in D) and the output."""
+    return (1, 1) if _nuslerp_stats(shared) and work_dtype in ("BF16", "F32") else None
+
+
 def _select_passes(work_dtype: str) -> int:
     """Radix select over the bit patterns: 16 bits per pass."""
     return 2 if work_dtype in ("F32", "F64") else 1
@@ -215,6 +221,7 @@ SPECS: dict[str, MethodSpec] = {
             max_inputs=3,
             scratch_per_input=3,
             scratch_fixed=6,
+            compiled=_nuslerp_compiled,
             passes=lambda work_dtype, shared: 2 if _nuslerp_stats(shared) else 0,
             rows=lambda shared: not _nuslerp_stats(shared),
             summary="slerp between two models (or their task vectors), t from their weights",
