@@ -383,9 +383,9 @@ def _estimate(jobs: tuple[Job, ...], budget: int) -> Estimate:
     if chunk < block:
         need = scratch + derive + block * per_elem
         raise BudgetError(f"--max-memory {budget} bytes is too small for this plan; it needs at least {need}")
-    jobs = tuple(_streaming(j, chunk, block, budget) for j in jobs)
-    read_set = max((min(chunk, j.numel) * in_item(j) for j in jobs), default=0)
-    write_buf = max((min(chunk, j.numel) * ITEMSIZE[j.out_dtype] for j in jobs), default=0)
+    jobs = tuple(_balanced(_streaming(j, chunk, block, budget)) for j in jobs)
+    read_set = max((min(j.chunk_elems, j.numel) * in_item(j) for j in jobs), default=0)
+    write_buf = max((min(j.chunk_elems, j.numel) * ITEMSIZE[j.out_dtype] for j in jobs), default=0)
     reads = sum(t.nbytes * (1 if j.resident else j.passes + 1) for j in jobs for t in j.inputs)
     estimate = Estimate(
         budget, chunk, block, read_set, write_buf, scratch,
@@ -476,6 +476,20 @@ def _streaming(j: Job, chunk: int, block: int, budget: int) -> Job:
         )
     return replace(j, passes=passes, chunk_elems=chunk // unit * unit or chunk, block_elems=blk,
                    stat_block_elems=stat)  # fmt: skip
+
+
+def _balanced(j: Job) -> Job:
+    """A streamed tensor in chunks of equal size (whole blocks), as few as before: the two
+    buffers the chunks alternate between are then both filled, so the buffers the plan
+    counts are the memory the merge touches (a 65M-element embedding in 55M + 10M chunks
+    touched one buffer's first 10M elements only)."""
+    from dataclasses import replace
+
+    if j.numel <= j.chunk_elems:
+        return j
+    unit = max(j.stat_block_elems, j.block_elems, 1)
+    chunks = -(-j.numel // j.chunk_elems)
+    return replace(j, chunk_elems=-(-(-(-j.numel // chunks)) // unit) * unit)
 
 
 def _plan_hash(cfg, jobs, layout, fingerprints, seed) -> str:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import register
-from .fused import _JIT, _load, _loop, _round, _rounded, bits, supports
+from .fused import _JIT, TILE, _load, _loop, _round, _rounded, bits, supports
 from .select import Boundary, histogram, key_bits, locate, refine
 
 QUANTILES = (0.25, 0.5, 0.75)
@@ -75,23 +75,35 @@ def _importance_bits(b, x, kl):
     return _round(abs(_rounded(_load(x) - _load(b), b)) * kl, b)
 
 
+@numba.njit(inline="always", **_JIT)
+def _order_keys(b, x, kl, keys):
+    """``keys[:b.size]`` = I's signed order keys (``order_keys``), for one row's part."""
+    top = np.int64(b.itemsize * 8 - 1)
+    flip = np.int64(1) << top  # a positive value's key is its bits + 2**top
+    ones = (flip << 1) - 1  # a negative value's key is its bits inverted
+    for j in range(b.size):
+        u = np.int64(_importance_bits(b[j], x[j], kl))
+        keys[j] = u ^ ((u >> top) * ones | flip)
+
+
 @_loop("void({T}[::1], {T}[::1], {T}[::1], int64, int64, int64, int64[::1])")
 def _key_histogram(base, x, kl, row, shift, prefix, counts):
     """Add to ``counts`` (int64[65536]) the 16-bit digit ``key >> shift`` of I's signed order
-    key (``order_keys``) at every element; with ``prefix >= 0`` only keys whose bits above
-    ``shift + 16`` equal it count. ``kl`` holds one value per row of ``row`` elements."""
-    top = np.int64(base.itemsize * 8 - 1)
-    flip = np.int64(1) << top  # the sign bit: a positive value's key is its bits + 2**top
-    ones = (flip << 1) - 1  # a negative value's key is its bits inverted
+    key at every element; with ``prefix >= 0`` only keys whose bits above ``shift + 16``
+    equal it count. ``kl`` holds one value per row of ``row`` elements. Keys are made a
+    tile at a time (vectorized), then counted."""
+    keys = np.empty(TILE, np.int64)
     sub = np.zeros((4, 65536), np.int32)  # four sub-histograms: equal keys do not queue
     for r in range(base.size // row):
         b, v = base[r * row : (r + 1) * row], x[r * row : (r + 1) * row]
         k = _load(kl[r])
-        for j in range(row):
-            u = np.int64(_importance_bits(b[j], v[j], k))
-            key = u ^ ((u >> top) * ones | flip)
-            if prefix < 0 or np.int64(key >> (shift + 16)) == prefix:
-                sub[j & 3, np.int64(key >> shift) & 0xFFFF] += 1
+        for lo in range(0, row, TILE):
+            hi = min(lo + TILE, row)
+            _order_keys(b[lo:hi], v[lo:hi], k, keys)
+            for j in range(hi - lo):
+                key = keys[j]
+                if prefix < 0 or (key >> (shift + 16)) == prefix:
+                    sub[j & 3, (key >> shift) & 0xFFFF] += 1
     for k in range(65536):
         counts[k] += np.int64(sub[0, k]) + sub[1, k] + sub[2, k] + sub[3, k]
 
