@@ -443,7 +443,9 @@ class _JobRun:
                 from .methods.passthrough import scale_into
 
                 dtype = TORCH_DTYPES[self.job.out_dtype]
-                scale_into(torch.from_numpy(views[0]).view(dtype), self.scale, torch.from_numpy(out).view(dtype))
+                scale_into(
+                    torch.from_numpy(views[0]).view(dtype), self.scale, torch.from_numpy(out).view(dtype)
+                )
             return
         if start == 0:
             self.state = {}

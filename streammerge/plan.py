@@ -489,7 +489,8 @@ def _balanced(j: Job) -> Job:
         return j
     unit = max(j.stat_block_elems, j.block_elems, 1)
     chunks = -(-j.numel // j.chunk_elems)
-    return replace(j, chunk_elems=-(-(-(-j.numel // chunks)) // unit) * unit)
+    per_chunk = -(-j.numel // chunks)
+    return replace(j, chunk_elems=-(-per_chunk // unit) * unit)
 
 
 def _plan_hash(cfg, jobs, layout, fingerprints, seed) -> str:

@@ -70,7 +70,9 @@ def test_passthrough_scales_straight_into_the_output():
 
 def test_passthrough_plan_has_no_kernel_scratch(tiny, tmp_path):
     cfg = tmp_path / "p.yml"
-    cfg.write_text(f"merge_method: passthrough\nmodels:\n  - model: {tiny['ft1']}\n    parameters: {{scale: 0.5}}\n")
+    cfg.write_text(
+        f"merge_method: passthrough\nmodels:\n  - model: {tiny['ft1']}\n    parameters: {{scale: 0.5}}\n"
+    )
     plan = make_plan(cfg, max_memory=64 << 20)
     assert all(copies(j) and compute_scratch(j, plan.estimate.block_elems) == 0 for j in plan.jobs)
     e = plan.estimate

@@ -58,4 +58,3 @@ def nearswap(xs: list[torch.Tensor], *, base_index: int, t: float) -> torch.Tens
     out = torch.empty_like(base)
     _nearswap(bits(base), bits(other), bits(out), _floor(base.dtype), np.float32(t))
     return out
-
