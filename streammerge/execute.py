@@ -32,7 +32,7 @@ from .derive import read_derived
 from .errors import Interrupted, StreamMergeError, WriteError
 from .header import ITEMSIZE
 from .methods import SPECS, BlockContext, Scope, get_kernel, parallel, row_elems
-from .plan import BLOCK_ELEMS, COPY, DEFAULT_SHARD_NBYTES, Job, Plan, fold_window, make_plan
+from .plan import BLOCK_ELEMS, DEFAULT_SHARD_NBYTES, Job, Plan, copies, fold_window, make_plan
 from .polite import UNLIMITED, IoLimits, be_nice
 from .write import OutputWriter
 
@@ -380,12 +380,9 @@ class _JobRun:
 
     def __init__(self, job: Job, seed: int, dev: torch.device) -> None:
         self.job, self.seed, self.dev = job, seed, dev
-        self.copy = job.method == COPY or (
-            job.method == "passthrough"
-            and job.input_params[0]["scale"] == 1.0
-            and job.inputs[0].dtype == job.out_dtype
-        )
-        if self.copy:
+        self.copy = copies(job)
+        if self.copy:  # straight into the output buffer: no kernel, no block temporaries
+            self.scale = job.input_params[0].get("scale", 1.0)
             return
         self.kernel = get_kernel(job.method)
         self.params = _kernel_args(job)
@@ -440,7 +437,15 @@ class _JobRun:
     def combine(self, views: list[np.ndarray], start: int, out: np.ndarray) -> None:
         """Merge one chunk: raw input bytes in ``views`` -> raw output bytes in ``out``."""
         if self.copy:
-            out[:] = views[0]  # bit copy: no dtype round trip
+            if self.scale == 1.0:
+                out[:] = views[0]  # bit copy: no dtype round trip
+            else:
+                from .methods.passthrough import scale_into
+
+                dtype = TORCH_DTYPES[self.job.out_dtype]
+                scale_into(
+                    torch.from_numpy(views[0]).view(dtype), self.scale, torch.from_numpy(out).view(dtype)
+                )
             return
         if start == 0:
             self.state = {}

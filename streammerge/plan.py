@@ -44,6 +44,9 @@ HEAP_FIXED_NBYTES = 8 << 20
 # 2.13), numba with the compiled loops (~150 MiB of it, mostly LLVM) and our modules,
 # measured on Linux x86-64 at 368 MiB; --max-memory comes on top.
 RUNTIME_NBYTES = 370 << 20
+# The kernels' share of it: a plan that only copies (``copies``) never loads them
+# (measured: 223 MiB after importing the executor, 366 MiB with every kernel module).
+KERNELS_NBYTES = 144 << 20
 STAT_SLACK_WORDS = 6  # statistics folds: few, block-sized temporaries
 MIN_MAX_MEMORY = 8 << 20
 
@@ -115,6 +118,7 @@ class Estimate:
     read_nbytes: int  # input bytes read over the whole merge
     write_nbytes: int  # output bytes written
     derive_nbytes: int = 0  # reader-thread scratch for inputs computed on read (derive)
+    kernels: bool = True  # some job runs a kernel (else every job copies: no kernel modules)
 
     @property
     def peak_nbytes(self) -> int:
@@ -125,7 +129,10 @@ class Estimate:
     @property
     def peak_rss_nbytes(self) -> int:
         """The whole process: the runtime (interpreter, numpy, torch, numba), the heap's
-        fragmentation, and the buffers."""
+        fragmentation, and the buffers. A plan that only copies loads no kernels and makes
+        no block temporaries."""
+        if not self.kernels:
+            return RUNTIME_NBYTES - KERNELS_NBYTES + self.peak_nbytes
         return RUNTIME_NBYTES + HEAP_FIXED_NBYTES + self.peak_nbytes
 
 
@@ -376,21 +383,23 @@ def _estimate(jobs: tuple[Job, ...], budget: int) -> Estimate:
     if chunk < block:
         need = scratch + derive + block * per_elem
         raise BudgetError(f"--max-memory {budget} bytes is too small for this plan; it needs at least {need}")
-    jobs = tuple(_streaming(j, chunk, block, budget) for j in jobs)
-    read_set = max((min(chunk, j.numel) * in_item(j) for j in jobs), default=0)
-    write_buf = max((min(chunk, j.numel) * ITEMSIZE[j.out_dtype] for j in jobs), default=0)
+    jobs = tuple(_balanced(_streaming(j, chunk, block, budget)) for j in jobs)
+    read_set = max((min(j.chunk_elems, j.numel) * in_item(j) for j in jobs), default=0)
+    write_buf = max((min(j.chunk_elems, j.numel) * ITEMSIZE[j.out_dtype] for j in jobs), default=0)
     reads = sum(t.nbytes * (1 if j.resident else j.passes + 1) for j in jobs for t in j.inputs)
     estimate = Estimate(
         budget, chunk, block, read_set, write_buf, scratch,
         read_nbytes=reads, write_nbytes=sum(j.out_nbytes for j in jobs), derive_nbytes=derive,
+        kernels=not all(copies(j) for j in jobs),
     )  # fmt: skip
     return estimate, jobs
 
 
 def compute_block(jobs, budget: int, workers: int = 1) -> int:
     """Elements per compute block: halved from BLOCK_ELEMS until ``workers`` blocks'
-    scratch fits a quarter of the budget (a floor of MIN_BLOCK_ELEMS)."""
-    words = max((sum(_scratch_words(j)) for j in jobs), default=0)
+    scratch fits a quarter of the budget (a floor of MIN_BLOCK_ELEMS). Copies count one
+    word: their chunks hold whole blocks, so a block must fit the budget too."""
+    words = max((max(1, sum(_scratch_words(j))) for j in jobs), default=0)
     block = BLOCK_ELEMS
     while block > MIN_BLOCK_ELEMS and workers * block * 4 * words > budget // 4:
         block //= 2
@@ -409,9 +418,19 @@ def compute_scratch(j: Job, block: int) -> int:
     return max(blk * (words + slack), stat * (words + min(slack, STAT_SLACK_WORDS))) * 4
 
 
+def copies(j: Job) -> bool:
+    """``j``'s output is its one input's bytes, or their product with a scale, written
+    straight into the output buffer (no kernel, no scratch): non-float buffers, and a
+    passthrough whose input, working and output dtypes are one."""
+    if j.method != "passthrough":
+        return j.method == COPY
+    same = j.inputs[0].dtype == j.out_dtype
+    return same and (j.input_params[0]["scale"] == 1.0 or j.work_dtype == j.out_dtype)
+
+
 def _scratch_words(j: Job) -> tuple[int, int]:
     """(words, heap slack words) per block element: compiled loops leave fewer heap holes."""
-    if j.method == COPY:
+    if copies(j):
         return 0, 0
     spec = SPECS[j.method]
     compiled = spec.compiled(j.work_dtype, j.shared_params)
@@ -457,6 +476,21 @@ def _streaming(j: Job, chunk: int, block: int, budget: int) -> Job:
         )
     return replace(j, passes=passes, chunk_elems=chunk // unit * unit or chunk, block_elems=blk,
                    stat_block_elems=stat)  # fmt: skip
+
+
+def _balanced(j: Job) -> Job:
+    """A streamed tensor in chunks of equal size (whole blocks), as few as before: the two
+    buffers the chunks alternate between are then both filled, so the buffers the plan
+    counts are the memory the merge touches (a 65M-element embedding in 55M + 10M chunks
+    touched one buffer's first 10M elements only)."""
+    from dataclasses import replace
+
+    if j.numel <= j.chunk_elems:
+        return j
+    unit = max(j.stat_block_elems, j.block_elems, 1)
+    chunks = -(-j.numel // j.chunk_elems)
+    per_chunk = -(-j.numel // chunks)
+    return replace(j, chunk_elems=-(-per_chunk // unit) * unit)
 
 
 def _plan_hash(cfg, jobs, layout, fingerprints, seed) -> str:

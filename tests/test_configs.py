@@ -59,9 +59,9 @@ def test_every_method_is_identical_across_threads_and_budgets(path, small_root, 
     """A small budget streams the embedding (2M elements) in several chunks and reads it
     once per statistics pass; 2 GiB holds every tensor whole. The bytes must not change."""
     cfg = _on(path, small_root, tmp_path)
-    # statistics blocks: slerp's are 1M elements, the task-arithmetic family's 256K
+    # statistics blocks: slerp's are 1M elements, the task-arithmetic family's, sce's and arcee_fusion's 256K
     method = yaml.safe_load(path.read_text())["merge_method"]
-    large_stats = method in streammerge.methods.GTA or method == "sce"  # 256K-element statistics blocks
+    large_stats = method in streammerge.methods.GTA or method in ("sce", "arcee_fusion")
     small = 64 << 20 if method == "slerp" else 32 << 20 if large_stats else 12 << 20
     runs = {}
     for label, budget, threads in [

@@ -86,7 +86,7 @@ def register(
 
 
 def get_kernel(name: str) -> Kernel:
-    if not _KERNELS:
+    if name not in _KERNELS:  # a kernel module imported on its own registers only its own
         import importlib
 
         from .heap import keep_freed_heap

@@ -189,6 +189,18 @@ def _sce_passes(work_dtype: str, shared: dict) -> int:
     return (_select_passes(work_dtype) if select else 0) + 1  # + the mean squares
 
 
+def _nearswap_compiled(work_dtype: str, shared: dict) -> tuple[int, int] | None:
+    """One compiled loop (``nearswap``) for bfloat16/float32: a work-dtype copy of each
+    input and the output."""
+    return (1, 1) if work_dtype in ("BF16", "F32") else None
+
+
+def _arcee_compiled(work_dtype: str, shared: dict) -> tuple[int, int] | None:
+    """Compiled histogram and combine loops for bfloat16/float32: a work-dtype copy of each
+    input, the output, and the softmaxes of a statistics block's rows (``arcee_fusion``)."""
+    return (1, 2) if work_dtype in ("BF16", "F32") else None
+
+
 SPECS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in [
@@ -274,7 +286,11 @@ SPECS: dict[str, MethodSpec] = {
             max_inputs=2,
             scratch_per_input=4,
             scratch_fixed=8,
+            compiled=_arcee_compiled,
             passes=lambda work_dtype, shared: _select_passes(work_dtype),
+            # whole rows of about 256K elements: the softmax's dozen torch calls per block
+            # would cost more than the compiled loops at 64K
+            stat_block=1 << 18,
             rows=lambda shared: True,
             summary="take the other model's changes where their KL-weighted importance is an outlier",
         ),  # fmt: skip
@@ -323,6 +339,7 @@ SPECS: dict[str, MethodSpec] = {
             max_inputs=2,
             scratch_per_input=2,
             scratch_fixed=4,
+            compiled=_nearswap_compiled,
             summary="take the other model where it is within t of the base, blend elsewhere",
         ),  # fmt: skip
         MethodSpec(

@@ -1,0 +1,83 @@
+"""arcee_fusion, nearswap and passthrough's fast paths give the eager ops' bits.
+
+nearswap's compiled loop against its eager torch ops (special values, NaN payloads
+included); arcee_fusion streamed in small chunks and blocks (its first pass keeps the rows'
+KL sums, folded on both cores; compiled histogram and combine) against the whole-tensor
+eager computation with sorted quantiles; passthrough's scale written straight into the
+output buffer against ``x * scale``, and its plan without kernel scratch or kernel modules.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streammerge.execute import merge_tensors
+from streammerge.methods import arcee_fusion as af
+from streammerge.methods import nearswap as ns
+from streammerge.plan import RUNTIME_NBYTES, compute_scratch, copies, make_plan
+
+SPECIAL = [float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 1e-30, -1e-30, 3e38, 1e-40, 5.0]
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int16 if x.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("t", [0.001, 0.0, 0.5, 1e-7, 3.3])
+def test_nearswap_loop_is_the_eager_ops(dtype, t):
+    g = torch.Generator().manual_seed(1)
+    n = 1 << 14
+    b = torch.randn(n, generator=g)
+    x = b + torch.randn(n, generator=g) * torch.logspace(-9, 1, n)[torch.randperm(n, generator=g)]
+    x[:20] = b[:20]
+    x[20:30], b[40:50] = torch.tensor(SPECIAL), torch.tensor(SPECIAL)
+    b, x = b.to(dtype), x.to(dtype)
+    got = ns.nearswap([b, x], base_index=0, t=t)
+    assert torch.equal(_bits(got), _bits(ns._eager(b, x, t)))
+
+
+def _arcee_eager(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The whole tensor at once, quantiles from a sort (mergekit for <= 1e6 elements)."""
+    imp = af.importance(base, x, base.shape[-1])
+    ranked = torch.sort(imp).values
+    q1, median, q3 = (ranked[r] for r in af.quantile_ranks(imp.numel()))
+    mask = (imp >= median + 1.5 * (q3 - q1)).float().reshape(base.shape)
+    return (base + (x - base) * mask).to(base.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(96, 700), (5000,)])
+def test_arcee_fusion_streamed_is_the_whole_tensor_eager(dtype, shape):
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(shape, generator=g).to(dtype)
+    noise = torch.randn(shape, generator=g) * torch.rand(shape, generator=g) ** 4
+    x = (base.float() + noise).to(dtype)
+    want = _arcee_eager(base, x)
+    assert not torch.equal(want, x) and not torch.equal(want, base)  # the mask keeps some changes
+    for chunk, block in ((None, 1 << 16), (2800, 1 << 10)):
+        got = merge_tensors("arcee_fusion", [x, base], base_index=1, chunk_elems=chunk, block_elems=block)
+        assert torch.equal(_bits(got), _bits(want)), (chunk, block)
+
+
+def test_passthrough_scales_straight_into_the_output():
+    x = torch.tensor([1.0, -3.0, 1e-40, -1e-39, 3e38, float("inf"), 0.1] * 40000).to(torch.bfloat16)
+    for scale in (0.5, 0.3, -2.0, 1.0):
+        got = merge_tensors("passthrough", [x], scale=[scale], chunk_elems=1 << 16)
+        assert torch.equal(_bits(got), _bits(x * scale)), scale
+
+
+def test_passthrough_plan_has_no_kernel_scratch(tiny, tmp_path):
+    cfg = tmp_path / "p.yml"
+    cfg.write_text(
+        f"merge_method: passthrough\nmodels:\n  - model: {tiny['ft1']}\n    parameters: {{scale: 0.5}}\n"
+    )
+    plan = make_plan(cfg, max_memory=64 << 20)
+    assert all(copies(j) and compute_scratch(j, plan.estimate.block_elems) == 0 for j in plan.jobs)
+    e = plan.estimate
+    assert not e.kernels and e.scratch_nbytes == 0
+    assert e.peak_rss_nbytes < RUNTIME_NBYTES + e.peak_nbytes
+    # a dtype change needs the kernel: x.to(D) * scale, rounded to the output dtype
+    cfg.write_text(cfg.read_text() + "dtype: float32\nout_dtype: bfloat16\n")
+    assert make_plan(cfg, max_memory=64 << 20).estimate.kernels
