@@ -7,9 +7,9 @@ table; see bench_suite.py for what is run and bench_report.py for what is writte
 ``--config`` measures one config, as before:
 
 The floor reads every input safetensors file once into a reused 64 MiB buffer (os.preadv),
-then writes as many bytes as the merged output (os.pwrite) and fsyncs them. streammerge and
-mergekit run as child processes; wall time and peak RSS (os.wait4's ru_maxrss) are taken per
-child. Before each run the inputs are read through the page cache (warm) or dropped from it
+then writes as many bytes as the merged output (os.pwrite with streamed writeback, as
+streammerge writes) and fsyncs them. streammerge and mergekit run as child processes; wall
+time and peak RSS (os.wait4's ru_maxrss) are taken per child. Before each run the inputs are read through the page cache (warm) or dropped from it
 with posix_fadvise(DONTNEED) (cold); the cached fraction (mincore) is reported. os.sync()
 runs after each run (its time is shown, not counted). Throughput is input bytes read /
 seconds for every row. Outputs go under --out-root and are deleted after each run.

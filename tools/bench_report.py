@@ -13,7 +13,9 @@ MB = 1e6
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
 DEFINITIONS = """\
 - **floor**: read every input file of the method once (`preadv` into a reused 64 MiB buffer),
-  then write as many bytes as the merged output and `fsync` them; one process, no overlap.
+  then write as many bytes as the merged output (`pwrite`, each range handed to writeback
+  with `sync_file_range` as it is written, as streammerge's writer does) and `fsync` them;
+  one process, no overlap.
   No merge can beat it by more than overlapping its reads and writes.
 - **MB/s**: input bytes read / seconds (MB = 10^6 bytes), for every tool.
 - **x floor**: streammerge seconds / floor seconds for the same input files and output size
