@@ -1,6 +1,6 @@
-"""arcee_fusion, nearswap and passthrough's fast paths give the eager ops' bits.
+"""arcee_fusion, linear, nearswap and passthrough's fast paths give the eager ops' bits.
 
-nearswap's compiled loop against its eager torch ops (special values, NaN payloads
+linear's and nearswap's compiled loops against its eager torch ops (special values, NaN payloads
 included); arcee_fusion streamed in small chunks and blocks (its first pass keeps the rows'
 KL sums, folded on both cores; compiled histogram and combine) against the whole-tensor
 eager computation with sorted quantiles; passthrough's scale written straight into the
@@ -14,6 +14,7 @@ import torch
 
 from streammerge.execute import merge_tensors
 from streammerge.methods import arcee_fusion as af
+from streammerge.methods import linear as lin
 from streammerge.methods import nearswap as ns
 from streammerge.plan import RUNTIME_NBYTES, compute_scratch, copies, make_plan
 
@@ -36,6 +37,26 @@ def test_nearswap_loop_is_the_eager_ops(dtype, t):
     b, x = b.to(dtype), x.to(dtype)
     got = ns.nearswap([b, x], base_index=0, t=t)
     assert torch.equal(_bits(got), _bits(ns._eager(b, x, t)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n", [1, 13, 2049, 1 << 14])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("weight", [[0.4, 0.4, 0.2], [1.0, -0.3, 0.7, 0.01], [0.5]])
+def test_linear_loop_is_the_eager_ops(dtype, n, normalize, weight):
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(n, generator=g) * 3 for _ in weight]
+    for i, x in enumerate(xs):  # specials against each other: NaN, inf - inf, -0 + -0
+        x[: min(n, len(SPECIAL))] = torch.tensor(SPECIAL[i:] + SPECIAL[:i])[: min(n, len(SPECIAL))]
+    xs = [x.to(dtype) for x in xs]
+    got = lin.linear(xs, weight=weight, normalize=normalize)
+    assert torch.equal(_bits(got), _bits(lin._eager(xs, weight, normalize)))
+
+
+def test_linear_zero_weight_sum_keeps_torchs_inf_and_nan():
+    xs = [torch.tensor([1.0, -1.0, 0.0], dtype=torch.bfloat16)] * 2
+    got = lin.linear(xs, weight=[1.0, -1.0], normalize=True)
+    assert torch.equal(_bits(got), _bits(lin._eager(xs, [1.0, -1.0], True)))
 
 
 def _arcee_eager(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -6,13 +6,65 @@ https://arxiv.org/abs/2203.05482).
 once, rounded to the working dtype once. This is mergekit 0.1.5's op sequence
 (``torch.addcmul_`` into an fp32 accumulator), so results are bit-identical to it.
 Like mergekit, a zero weight sum with ``normalize`` gives inf/NaN; the planner rejects it.
+
+For bfloat16 and float32 on the CPU a compiled loop does the whole sequence a tile at a
+time (the eager ops make five passes over block-sized fp32 temporaries), each step the
+same float32 operation torch does; float16, float64 and other devices run the eager ops.
 """
 
 from __future__ import annotations
 
+import numba
+import numpy as np
 import torch
 
 from . import register
+from .fused import _JIT, TILE, _f32, _fma, _load, _round, bits, supports
+
+
+def _eager(xs: list[torch.Tensor], weight: list[float], normalize: bool) -> torch.Tensor:
+    acc_dtype = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    coefficients = torch.tensor(weight, dtype=acc_dtype, device=xs[0].device)
+    result = torch.zeros_like(xs[0], dtype=acc_dtype)
+    for x, c in zip(xs, coefficients.unbind(0)):
+        result.addcmul_(x, c.reshape((1,) * x.dim()))
+    if normalize:
+        result.div_(coefficients.sum())
+    return result.to(xs[0].dtype)
+
+
+def _signatures() -> list:
+    """(list of input bits, float32 weights, output bits, divisor bits) for bfloat16 (uint16)
+    and float32 (uint32) bits; the inputs come as a typed list (any count, one signature)."""
+    out = []
+    for t in (numba.uint16, numba.uint32):
+        array = numba.types.Array(t, 1, "C")
+        out.append(numba.void(numba.types.ListType(array), numba.float32[::1], array, numba.uint32))
+    return out
+
+
+@numba.njit(_signatures(), **_JIT)
+def _linear(xs, weights, out, divisor_bits):
+    """``out`` = the eager ops' bits: acc = +0, then fma(x, c, acc) per input in order, then
+    acc / divisor when ``divisor_bits`` is not 0's (float32 bits of Σ c, as torch sums
+    them), rounded to the inputs' dtype."""
+    acc = np.empty(TILE, np.float32)
+    divisor = _f32(divisor_bits)
+    for lo in range(0, out.size, TILE):
+        n = min(TILE, out.size - lo)
+        for j in range(n):
+            acc[j] = np.float32(0)
+        for m in range(len(xs)):
+            x, c = xs[m][lo : lo + n], weights[m]
+            for j in range(n):
+                acc[j] = _fma(_load(x[j]), c, acc[j])
+        o = out[lo : lo + n]
+        if divisor_bits != 0:
+            for j in range(n):
+                o[j] = _round(acc[j] / divisor, o[j])
+        else:
+            for j in range(n):
+                o[j] = _round(acc[j], o[j])
 
 
 @register("linear")
@@ -24,11 +76,15 @@ def linear(
     normalize: bool = True,
 ) -> torch.Tensor:
     """xs: the inputs (same shape, dtype D); weight: one per input. Returns dtype D."""
-    acc_dtype = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
-    coefficients = torch.tensor(weight, dtype=acc_dtype, device=xs[0].device)
-    result = torch.zeros_like(xs[0], dtype=acc_dtype)
-    for x, c in zip(xs, coefficients.unbind(0)):
-        result.addcmul_(x, c.reshape((1,) * x.dim()))
-    if normalize:
-        result.div_(coefficients.sum())
-    return result.to(xs[0].dtype)
+    if not all(supports(x) and x.dtype == xs[0].dtype for x in xs):
+        return _eager(xs, weight, normalize)
+    coefficients = torch.tensor(weight, dtype=torch.float32)
+    divisor = coefficients.sum() if normalize else torch.zeros(())
+    if normalize and divisor.item() == 0:  # x / +0 is not "no division": keep torch's inf/NaN
+        return _eager(xs, weight, normalize)
+    inputs = numba.typed.List()
+    for x in xs:
+        inputs.append(bits(x))
+    out = torch.empty_like(xs[0])
+    _linear(inputs, coefficients.numpy(), bits(out), np.uint32(divisor.view(torch.int32).item() & 0xFFFFFFFF))
+    return out

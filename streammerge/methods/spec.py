@@ -208,6 +208,8 @@ SPECS: dict[str, MethodSpec] = {
             "linear",
             (Param("weight", float, Scope.INPUT), Param("normalize", bool, Scope.SHARED, True)),
             summary="weighted average of the inputs",
+            # compiled: a work-dtype copy of each input (when it converts) and the output
+            compiled=lambda work_dtype, shared: (1, 1) if work_dtype in ("BF16", "F32") else None,
         ),
         *(_gta_spec(name, preset) for name, preset in GTA.items()),
         MethodSpec(
