@@ -21,6 +21,7 @@ The package reads like the pipeline (DESIGN.md §1)::
     write       OUT.partial/, pwrite at planned offsets, manifest, atomic rename
     integrity   verify: re-hash a finished merge against its manifest (and a config)
     journal     resume: finished-tensor journal, OUT.partial lock, input fingerprints
+    digest      the per-tensor digest (xxh3-128) the journal, manifest and verify use
     shards      one output shard as a task: temp file, done-marker, plan files, finalize
     backends    where shard tasks run (inline, processes, ray) and the driver that retries
     batch       K merges over shared inputs in one read pass (sweeps expand into members)

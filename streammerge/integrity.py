@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+from .digest import DIGEST, LEGACY, hasher_for
 from .errors import VerifyError
 from .header import read_header
 from .journal import describe_change, input_prints, state
@@ -48,15 +49,18 @@ def verify(out: str | os.PathLike, against: str | os.PathLike | None = None) -> 
         with open(path, "rb") as f:
             for name, info in header.tensors.items():
                 f.seek(header.data_offset + info.begin)
-                h = hashlib.sha256()
+                entry = tensors.get(name, {})
+                key = DIGEST if DIGEST in entry or LEGACY not in entry else LEGACY
+                h = hasher_for(key)
                 left = info.nbytes
                 while left:
                     block = f.read(min(left, 64 << 20))
                     h.update(block)
                     left -= len(block)
-                want = tensors.get(name, {}).get("sha256")
-                if h.hexdigest() != want:
-                    raise VerifyError(f"{path}: tensor {name} is damaged (sha256 differs from manifest)")
+                if h.hexdigest() != entry.get(key):
+                    raise VerifyError(
+                        f"{path}: tensor {name} is damaged (its digest differs from the manifest)"
+                    )
                 checked += 1
     if checked != len(tensors):
         raise VerifyError(f"{out}: manifest lists {len(tensors)} tensors, shards hold {checked}")

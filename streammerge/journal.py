@@ -23,6 +23,7 @@ import zlib
 from pathlib import Path
 
 from . import __version__
+from .digest import DIGEST
 from .errors import OutputError
 
 JOURNAL = "streammerge.journal"
@@ -152,7 +153,7 @@ def _line(doc: dict) -> bytes:
 
 
 def read_journal(partial: Path) -> tuple[dict | None, dict[str, str], int]:
-    """(first line, {tensor: sha256}, bytes of intact lines). A torn or corrupt line and
+    """(first line, {tensor: digest}, bytes of intact lines). A torn or corrupt line and
     everything after it are ignored; no journal or a torn first line gives (None, {}, 0)."""
     try:
         raw = (partial / JOURNAL).read_bytes()
@@ -170,8 +171,8 @@ def read_journal(partial: Path) -> tuple[dict | None, dict[str, str], int]:
             break
         if head is None:
             head = doc
-        elif isinstance(doc.get("tensor"), str) and isinstance(doc.get("sha256"), str):
-            done[doc["tensor"]] = doc["sha256"]
+        elif isinstance(doc.get("tensor"), str) and isinstance(doc.get(DIGEST), str):
+            done[doc["tensor"]] = doc[DIGEST]
         else:
             break
         good += len(line) + 1
@@ -189,7 +190,7 @@ class Journal:
         self.path = partial / JOURNAL
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if head else 0), 0o644)
         if head is not None:
-            lines = [_line(head), *(_line({"tensor": n, "sha256": d}) for n, d in (done or {}).items())]
+            lines = [_line(head), *(_line({"tensor": n, DIGEST: d}) for n, d in (done or {}).items())]
             os.write(self.fd, b"".join(lines))
         else:
             os.ftruncate(self.fd, keep_nbytes)
@@ -202,10 +203,10 @@ class Journal:
         self._last_flush = time.monotonic()
         self.journaled = 0
 
-    def finished(self, name: str, sha256: str, fd: int, nbytes: int) -> None:
+    def finished(self, name: str, digest: str, fd: int, nbytes: int) -> None:
         """Record that tensor ``name`` (``nbytes`` bytes written to shard ``fd``) is done."""
         with self._lock:
-            self._pending.append(_line({"tensor": name, "sha256": sha256}))
+            self._pending.append(_line({"tensor": name, DIGEST: digest}))
             self._pending_fds.add(fd)
             self._pending_nbytes += nbytes
             now = time.monotonic()

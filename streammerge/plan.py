@@ -19,6 +19,7 @@ from . import __version__
 from .checkpoint import Checkpoint, TensorRef, open_checkpoint
 from .config import MergeConfig, Scalar, load_config, resolve_all
 from .derive import scratch_nbytes
+from .digest import DIGEST
 from .errors import BudgetError, CheckpointError, Collector
 from .header import FLOAT_DTYPES, ITEMSIZE, encode_header
 from .layers import Route, config_updates, routes
@@ -496,6 +497,7 @@ def _balanced(j: Job) -> Job:
 def _plan_hash(cfg, jobs, layout, fingerprints, seed) -> str:
     doc = {
         "version": __version__,
+        "digest": DIGEST,  # journaled digests of another kind cannot be re-checked
         "config": cfg.to_dict(),
         "seed": seed,
         "inputs": [[f.path, f.nbytes, f.header_nbytes] for f in fingerprints],

@@ -14,12 +14,11 @@ Work folder, inside ``OUT.partial/``::
     .streammerge/plan.json                  the saved plan; its hash keys everything below
     .streammerge/attempts/<index>/<id>.json one per started attempt (the attempt cap counts these)
     .streammerge/tmp/<file>.<id>            a shard being written
-    .streammerge/done/<file>.json           {plan_hash, file, nbytes, tensors: {name: sha256}}
+    .streammerge/done/<file>.json           {plan_hash, file, nbytes, tensors: {name: digest}}
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import DTYPE_TORCH_NAMES, MergeConfig, from_dict, load_config
+from .digest import tensor_hasher
 from .errors import OutputError, ShardError
 from .plan import DEFAULT_SHARD_NBYTES, Plan, make_plan
 from .polite import UNLIMITED, IoLimits
@@ -352,7 +352,7 @@ class _ShardFile:
 
         offset = job.offset + start * ITEMSIZE[job.out_dtype]
         _pwrite_all(self._fd, data, offset, self.path)
-        h = self._hashers.get(job.name) or self._hashers.setdefault(job.name, hashlib.sha256())
+        h = self._hashers.get(job.name) or self._hashers.setdefault(job.name, tensor_hasher())
         h.update(data)
         if end == job.numel:
             self.digests[job.name] = self._hashers.pop(job.name).hexdigest()

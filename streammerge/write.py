@@ -3,12 +3,12 @@ then config/tokenizer/index/manifest, fsync, and an atomic rename to ``OUT/``.
 
 Nothing that loads as a model exists at ``OUT/`` until the merge is complete. The
 manifest ``streammerge.json`` records the plan hash, the inputs' fingerprints and a
-sha256 of every shard header and every tensor, which ``verify`` re-checks.
+sha256 of every shard header and a digest (``digest``) of every tensor, which ``verify``
+re-checks.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,6 +19,7 @@ from . import __version__
 from .checkpoint import open_checkpoint
 from .config import DTYPE_TORCH_NAMES
 from .derive import Dequant
+from .digest import DIGEST, tensor_hasher
 from .errors import OutputError, WriteError
 from .header import FLOAT_DTYPES
 from .journal import JOURNAL, LOCK, Journal, Lock, describe_change, input_prints, read_journal, state
@@ -53,7 +54,7 @@ class OutputWriter:
         self.out, self.plan, self.force, self.copy_tokenizer = out, plan, force, copy_tokenizer
         self.partial = partial_dir(out)
         self.digests: dict[str, str] = {}
-        self.done: dict[str, str] = {}  # tensors a resumed merge skips: name -> sha256
+        self.done: dict[str, str] = {}  # tensors a resumed merge skips: name -> digest
         self.complete = False
         self.journal: Journal | None = None
         self.lock: Lock | None = None
@@ -141,7 +142,7 @@ class OutputWriter:
                 manifest = _read_json(p / MANIFEST)
                 if manifest is not None and isinstance(manifest.get("tensors"), dict):
                     head, good = manifest, -1
-                    done = {n: t.get("sha256") for n, t in manifest["tensors"].items()}
+                    done = {n: t.get(DIGEST) for n, t in manifest["tensors"].items()}
             if resume and head is not None:
                 change = describe_change(head, self.state, "since the interrupted merge started")
                 if change is not None:
@@ -180,7 +181,7 @@ class OutputWriter:
         for job in self.plan.jobs:
             if job.name not in done:
                 continue
-            fd, h, pos, end = self._fds[job.shard], hashlib.sha256(), job.offset, job.offset + job.out_nbytes
+            fd, h, pos, end = self._fds[job.shard], tensor_hasher(), job.offset, job.offset + job.out_nbytes
             while pos < end:
                 block = os.pread(fd, min(end - pos, 4 << 20), pos)
                 if not block:
@@ -203,7 +204,7 @@ class OutputWriter:
         _pwrite_all(fd, data, offset, shard)
         h = self._hashers.get(job.name)
         if h is None:
-            h = self._hashers[job.name] = hashlib.sha256()
+            h = self._hashers[job.name] = tensor_hasher()
         h.update(data)
         try:
             self._writeback.wrote(fd, offset, len(data))
@@ -314,7 +315,7 @@ class OutputWriter:
         return {
             **self.state,
             "tensors": {
-                j.name: {"shard": plan.layout.shards[j.shard].file_name, "sha256": digests[j.name]}
+                j.name: {"shard": plan.layout.shards[j.shard].file_name, DIGEST: digests[j.name]}
                 for j in plan.jobs
             },
         }

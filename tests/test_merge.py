@@ -123,7 +123,7 @@ def test_verify_names_the_damaged_tensor(tiny, tmp_path, cli):
     shard.write_bytes(bytes(raw))
     r = cli("verify", tmp_path / "out")
     assert r.exit_code == 1
-    assert r.stderr == f"error: {shard}: tensor {name} is damaged (sha256 differs from manifest)\n"
+    assert r.stderr == f"error: {shard}: tensor {name} is damaged (its digest differs from the manifest)\n"
 
 
 def test_force_replaces_an_existing_output(tiny, tmp_path, cli):

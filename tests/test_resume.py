@@ -276,7 +276,7 @@ def test_resume_refuses_a_changed_config_seed_layout_or_input(setup, small, cli,
     from streammerge.journal import input_prints, state
 
     done = {
-        n: t["sha256"] for n, t in json.loads((clean / "streammerge.json").read_text())["tensors"].items()
+        n: t["xxh3_128"] for n, t in json.loads((clean / "streammerge.json").read_text())["tensors"].items()
     }
     Journal(partial, state(plan, input_prints(plan), plan.shard_nbytes), done=done).close()
     start = f"error: {partial}: cannot resume: "

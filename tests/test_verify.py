@@ -51,7 +51,10 @@ def test_a_flipped_byte_anywhere_in_any_shard_names_the_tensor(merged, cli):
             r = cli("verify", out)
             flip(shard, pos)
             assert r.exit_code == 1
-            assert r.stderr == f"error: {shard}: tensor {name} is damaged (sha256 differs from manifest)\n"
+            assert (
+                r.stderr
+                == f"error: {shard}: tensor {name} is damaged (its digest differs from the manifest)\n"
+            )
         pos = rng.randrange(8, header.data_offset)
         flip(shard, pos)
         r = cli("verify", out)
@@ -105,3 +108,26 @@ def test_verify_against_the_config_and_the_inputs(merged, tiny, cli, tmp_path):
         )
     finally:
         os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_manifest_with_sha256_tensor_digests_still_verifies(merged, cli, tmp_path):
+    """Outputs written before xxh3-128 digests (0.1) carry sha256 per tensor."""
+    import hashlib
+    import json
+    import shutil
+
+    _, out = merged
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    manifest = json.loads((old / "streammerge.json").read_text())
+    for shard in sorted(old.glob("model-*.safetensors")):
+        header, data = read_header(shard), shard.read_bytes()
+        for name, t in header.tensors.items():
+            body = data[header.data_offset + t.begin : header.data_offset + t.end]
+            manifest["tensors"][name] = {"shard": shard.name, "sha256": hashlib.sha256(body).hexdigest()}
+    (old / "streammerge.json").write_text(json.dumps(manifest))
+    assert cli("verify", old).exit_code == 0
+    shard = sorted(old.glob("model-*.safetensors"))[0]
+    flip(shard, shard.stat().st_size - 1)
+    r = cli("verify", old)
+    assert r.exit_code == 1 and "is damaged" in r.stderr
