@@ -272,3 +272,23 @@ def test_bad_input_is_one_error_line_and_exit_2(tiny, tmp_path, cli, scenario):
     assert r.stdout == ""
     assert not list(out.glob("*.safetensors")) and not (out / "config.json").exists()
     assert not list(tmp_path.glob("out.partial"))
+
+
+def test_the_program_exits_with_its_code_and_all_its_output(tiny, tmp_path):
+    """The real program leaves by os._exit (no interpreter teardown): its output is flushed,
+    its files are complete, and its exit codes are the commands' own."""
+    import subprocess
+    import sys
+
+    def program(*args):
+        cmd = [sys.executable, "-m", "streammerge.cli", *map(str, args)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    cfg = write_config(tmp_path / "m.yml", linear_config(tiny))
+    r = program("merge", cfg, tmp_path / "out", "--no-progress")
+    assert r.returncode == 0 and r.stdout.startswith("merged ") and r.stdout.endswith("\n")
+    r = program("verify", tmp_path / "out")
+    assert (r.returncode, r.stderr) == (0, "") and r.stdout.startswith("ok: ")
+    r = program("merge", tmp_path / "missing.yml", tmp_path / "out2")
+    assert r.returncode == 2 and r.stderr == f"error: {tmp_path / 'missing.yml'}: config file not found\n"
+    assert program("merge", "--bogus").returncode == 2
