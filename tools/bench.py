@@ -163,6 +163,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--cache", dest="caches", type=csv(str), default=["warm", "cold"], help="warm,cold")
     s.add_argument("--mergekit-methods", type=csv(str), default=None, help="default: every method")
     s.add_argument(
+        "--mergekit-sizes",
+        type=csv(float),
+        default=None,
+        help="GB per model where mergekit runs too (nearest set within 15%%; default: every size)",
+    )
+    s.add_argument(
         "--mergekit-cache", dest="mergekit_caches", type=csv(str), default=["warm"], help="warm,cold"
     )
     s.add_argument("--md", type=Path, default=Path("docs/benchmarks.md"))

@@ -146,7 +146,9 @@ def header(res: dict) -> list[str]:
         f"torch {v['torch']}, numpy {v['numpy']}, safetensors {v['safetensors']}{mk}",
         f"- options: `--max-memory {o['max_memory']}`, threads {o['threads'] or 'all'}, device {o['device']}, "
         f"best of {o['repeat']}; page cache: {', '.join(o['caches'])}; mergekit for "
-        f"{', '.join(o['mergekit_methods']) or 'none'} ({', '.join(o['mergekit_caches']) or '-'})",
+        f"{', '.join(o['mergekit_methods']) or 'none'} ({', '.join(o['mergekit_caches']) or '-'}"
+        + (f"; at {', '.join(f'{g:g}' for g in o['mergekit_sizes'])} GB per model" if o.get("mergekit_sizes") else "")
+        + ")",
         "- models: three Llama-shaped bf16 checkpoints (base, ft1, ft2) per size: " + "; ".join(sizes),
         f"- this process's own peak RSS was {res['bench_peak_rss_mib']:.0f} MiB: no child can report less",
     ]  # fmt: skip

@@ -141,6 +141,8 @@ def run_set(s: dict, opts, buf: memoryview, log) -> list[dict]:
     """Every (cache, method) row of one model set."""
     rows, out = [], opts.out_root
     cfg_dir = out / "configs" / s["root"].name
+    gb, wanted = s["model_nbytes"] / GB, getattr(opts, "mergekit_sizes", None)
+    mk_size = wanted is None or any(abs(gb - w) <= 0.15 * w for w in wanted)
     for cache in opts.caches:
         cold = cache == "cold"
         floors: dict[tuple, dict] = {}
@@ -163,7 +165,12 @@ def run_set(s: dict, opts, buf: memoryview, log) -> list[dict]:
                 *at, bm.run_child, sm, out / "streammerge", out / "sm.log", opts.timeout
             )
             row["mergekit"] = None
-            if opts.mergekit_python and stem in opts.mergekit_methods and cache in opts.mergekit_caches:
+            if (
+                opts.mergekit_python
+                and stem in opts.mergekit_methods
+                and cache in opts.mergekit_caches
+                and mk_size
+            ):
                 mk = bm.mergekit_cmd(opts.mergekit_python, cfg, out / "mergekit", cuda=opts.device == "cuda")
                 row["mergekit"] = measure(
                     *at, bm.run_child, mk, out / "mergekit", out / "mk.log", opts.timeout
@@ -251,6 +258,7 @@ def run_suite(opts, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> 
             "max_memory": opts.max_memory, "threads": opts.threads, "device": opts.device, "repeat": opts.repeat,
             "caches": opts.caches, "methods": opts.methods, "mergekit_methods": opts.mergekit_methods if opts.mergekit_python else [],
             "mergekit_caches": opts.mergekit_caches if opts.mergekit_python else [],
+            "mergekit_sizes": getattr(opts, "mergekit_sizes", None),
         },
         "sizes": [], "rows": [],
     }  # fmt: skip
