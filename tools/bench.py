@@ -35,8 +35,9 @@ import bench_suite
 MB, MiB = bm.MB, bm.MiB
 # The run behind the README's numbers (the lead's; /work paths are the project machine's).
 FULL_SUITE = (
-    "python tools/bench.py --suite --sizes 1.5,3,6 --reuse /work/bench/llama26 "
-    "--mergekit-python /work/mkvenv/bin/python --readme README.md --json docs/benchmarks.json"
+    "python tools/bench.py --suite --sizes 1.5,2.93,6 --cache warm --reuse /work/bench/llama26 "
+    "--mergekit-python /work/mkvenv/bin/python --mergekit-sizes 2.93 --json docs/benchmarks.json "
+    "--md docs/benchmarks.md --png docs/benchmarks.png --readme README.md"
 )
 
 

@@ -65,9 +65,11 @@ def rss(r: dict | None) -> str:
 
 
 def groups(res: dict) -> list[tuple[float, str]]:
-    """(size_gb, cache) pairs that have rows, the main one (largest size, warm first) first."""
+    """(size_gb, cache) pairs that have rows, the main one first: the one with the most
+    mergekit rows (the comparison is the point), then the largest size, warm first."""
     keys = list(dict.fromkeys((r["size_gb"], r["cache"]) for r in res["rows"]))
-    return sorted(keys, key=lambda k: (-k[0], k[1] != "warm"))
+    with_mk = {k: sum(1 for r in rows_of(res, *k) if r["mergekit"]) for k in keys}
+    return sorted(keys, key=lambda k: (-with_mk[k], -k[0], k[1] != "warm"))
 
 
 def rows_of(res: dict, size_gb: float, cache: str) -> list[dict]:
