@@ -1,10 +1,12 @@
-"""arcee_fusion, linear, nearswap and passthrough's fast paths give the eager ops' bits.
+"""arcee_fusion, linear, nearswap, ram, ramplus_tl and passthrough's fast paths give the eager ops' bits.
 
 linear's and nearswap's compiled loops against its eager torch ops (special values, NaN payloads
 included); arcee_fusion streamed in small chunks and blocks (its first pass keeps the rows'
 KL sums, folded on both cores; compiled histogram and combine) against the whole-tensor
-eager computation with sorted quantiles; passthrough's scale written straight into the
-output buffer against ``x * scale``, and its plan without kernel scratch or kernel modules.
+eager computation with sorted quantiles; ram's and ramplus_tl's loops (and the statistics
+pass's counts) against mergekit's ops, for every count of models changing an element;
+passthrough's scale written straight into the output buffer against ``x * scale``, and its
+plan without kernel scratch or kernel modules.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from streammerge.execute import merge_tensors
 from streammerge.methods import arcee_fusion as af
 from streammerge.methods import linear as lin
 from streammerge.methods import nearswap as ns
+from streammerge.methods import ram
 from streammerge.plan import RUNTIME_NBYTES, compute_scratch, copies, make_plan
 
 SPECIAL = [float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 1e-30, -1e-30, 3e38, 1e-40, 5.0]
@@ -102,3 +105,56 @@ def test_passthrough_plan_has_no_kernel_scratch(tiny, tmp_path):
     # a dtype change needs the kernel: x.to(D) * scale, rounded to the output dtype
     cfg.write_text(cfg.read_text() + "dtype: float32\nout_dtype: bfloat16\n")
     assert make_plan(cfg, max_memory=64 << 20).estimate.kernels
+
+
+def _ram_inputs(n: int, models: int, dtype: torch.dtype, base_index: int) -> list[torch.Tensor]:
+    """A base and fine-tunes changing each element by 1e-7..1 or not at all (so every
+    count of models over ε occurs), specials against each other and against the base."""
+    g = torch.Generator().manual_seed(5)
+    b = torch.randn(n, generator=g)
+    xs = []
+    for i in range(models):
+        x = b + torch.randn(n, generator=g) * torch.logspace(-7, 0, n)[torch.randperm(n, generator=g)]
+        same = torch.rand(n, generator=g) < 0.3
+        x[same] = b[same]
+        if n >= 2 * len(SPECIAL):
+            x[: len(SPECIAL)] = torch.tensor(SPECIAL[i:] + SPECIAL[:i])
+        xs.append(x)
+    if n >= 2 * len(SPECIAL):
+        b[len(SPECIAL) : 2 * len(SPECIAL)] = torch.tensor(SPECIAL)
+        b[-1] = -0.0  # every change a tiny negative: -0 terms, summed from +0
+        for x in xs:
+            x[-1] = -1e-30
+    xs = [x.to(dtype) for x in xs]
+    xs.insert(base_index, b.to(dtype))
+    return xs
+
+
+def _same(got: torch.Tensor, want: torch.Tensor, inputs: torch.dtype) -> bool:
+    """Equal bits; NaNs only as NaNs for float32 inputs (the NaN payload a float32 sum of two
+    NaNs keeps is LLVM's choice); with bfloat16 inputs every NaN is 0xFFFF, in a float32
+    result too."""
+    if got.dtype != want.dtype:
+        return False
+    if inputs == torch.float32:
+        nan = want.isnan()
+        return torch.equal(got.isnan(), nan) and torch.equal(_bits(got)[~nan], _bits(want)[~nan])
+    return torch.equal(_bits(got), _bits(want))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("models", [1, 2, 3, 4, 6, 8])  # float32 sums 5+ out of order: eager there
+@pytest.mark.parametrize("base_index", [0, 1])
+@pytest.mark.parametrize("epsilon", [1e-5, 0.0005, 0.0, 0.3])
+@pytest.mark.parametrize("n", [5, 50, 5000])
+def test_ram_loops_are_the_eager_ops(dtype, models, base_index, epsilon, n):
+    xs = _ram_inputs(n, models, dtype, base_index)
+    assert _same(
+        ram.ram(xs, base_index=base_index, epsilon=epsilon), ram._ram_eager(xs, base_index, epsilon), dtype
+    )
+    counts = ram.ramplus_fold(0, None, xs, base_index=base_index, epsilon=epsilon)
+    want = ram._counts_eager(xs, base_index, epsilon)
+    assert all(torch.equal(a, b) for a, b in zip(counts, want)), (counts, want)
+    lam = ram.ramplus_finish(0, counts, base_index=base_index, epsilon=epsilon)
+    got = ram.ramplus_tl(xs, stats=[lam], base_index=base_index, epsilon=epsilon)
+    assert _same(got, ram._ramplus_eager(xs, lam, base_index, epsilon), dtype)

@@ -318,6 +318,8 @@ SPECS: dict[str, MethodSpec] = {
             requires_base=True,
             scratch_per_input=4,
             scratch_fixed=6,
+            # compiled: a work-dtype copy of each input (when it converts) and the output
+            compiled=lambda work_dtype, shared: (1, 1) if work_dtype in ("BF16", "F32") else None,
             summary="changes made by one model kept whole, shared changes averaged",
         ),  # fmt: skip
         MethodSpec(
@@ -330,6 +332,9 @@ SPECS: dict[str, MethodSpec] = {
             requires_base=True,
             scratch_per_input=5,
             scratch_fixed=6,
+            # compiled: a work-dtype copy of each input (when it converts), the float32 result
+            # and its cast to the output dtype
+            compiled=lambda work_dtype, shared: (1, 2) if work_dtype in ("BF16", "F32") else None,
             passes=lambda work_dtype, shared: 1,
             summary="ram with each model's unique changes boosted by its overlap ratio",
         ),  # fmt: skip
