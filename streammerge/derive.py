@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 DERIVE_BLOCK = 1 << 16  # elements per derivation block
 # Freed temporaries stay in the reader thread's malloc arena: measured, about 16 fp32
-# words per block element, as for the compute blocks (plan.HEAP_SLACK_WORDS).
+# words per block element.
 SLACK = 16 * 4 * DERIVE_BLOCK
 
 

@@ -32,22 +32,21 @@ DEFAULT_SHARD_NBYTES = 5_000_000_000  # mergekit's default --out-shard-size, in 
 COPY = "copy"  # pseudo-method: non-float tensors are copied from the reference model
 BLOCK_ELEMS = 1 << 20  # largest compute block: kernels run on blocks, not whole chunks
 MIN_BLOCK_ELEMS = 1 << 16
-# glibc keeps freed kernel temporaries as heap holes: measured, the heap plateaus at about
-# 16 fp32 words per block element above the live temporaries (60 MiB at 1M-element blocks).
-HEAP_SLACK_WORDS = 16
-# Compiled loops (methods.fused) make few temporaries, but the executor's per-block dtype
-# conversions still leave holes: half the slack.
-COMPILED_SLACK_WORDS = 8
+# glibc keeps freed kernel temporaries as heap holes: measured with the compiled loops and
+# the allocator settings of ``methods.heap`` (freed heap kept between blocks), the peak RSS of
+# every method at 1.5-6 GB per model sits about 8 fp32 words per block element above the
+# live buffers and temporaries, eager or compiled (16 before those settings).
+HEAP_SLACK_WORDS = 8
 # Blocks of many sizes (each tensor's last) fragment the heap by a further 7-9 MiB at any
 # budget (measured at 16-64 MiB): part of the runtime, beside --max-memory.
 HEAP_FIXED_NBYTES = 8 << 20
 # Resident memory of the runtime before any merge: the interpreter, numpy, torch (CPU build
-# 2.13), numba with the compiled loops (~150 MiB of it, mostly LLVM) and our modules,
-# measured on Linux x86-64 at 368 MiB; --max-memory comes on top.
-RUNTIME_NBYTES = 370 << 20
+# 2.13), numba with the compiled loops (~130 MiB of it, mostly LLVM) and our modules with
+# the CLI, measured on Linux x86-64 at 354 MiB; --max-memory comes on top.
+RUNTIME_NBYTES = 356 << 20
 # The kernels' share of it: a plan that only copies (``copies``) never loads them
-# (measured: 223 MiB after importing the executor, 366 MiB with every kernel module).
-KERNELS_NBYTES = 144 << 20
+# (measured: 227 MiB after importing the executor and the CLI, 354 MiB with every kernel module).
+KERNELS_NBYTES = 128 << 20
 STAT_SLACK_WORDS = 6  # statistics folds: few, block-sized temporaries
 MIN_MAX_MEMORY = 8 << 20
 
@@ -430,13 +429,13 @@ def copies(j: Job) -> bool:
 
 
 def _scratch_words(j: Job) -> tuple[int, int]:
-    """(words, heap slack words) per block element: compiled loops leave fewer heap holes."""
+    """(words, heap slack words) per block element."""
     if copies(j):
         return 0, 0
     spec = SPECS[j.method]
     compiled = spec.compiled(j.work_dtype, j.shared_params)
     per_input, fixed = compiled or (spec.scratch_per_input, spec.scratch_fixed)
-    return per_input * len(j.inputs) + fixed, COMPILED_SLACK_WORDS if compiled else HEAP_SLACK_WORDS
+    return per_input * len(j.inputs) + fixed, HEAP_SLACK_WORDS
 
 
 def fold_window(j: Job) -> int:

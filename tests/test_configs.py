@@ -62,7 +62,7 @@ def test_every_method_is_identical_across_threads_and_budgets(path, small_root, 
     # statistics blocks: slerp's are 1M elements, the task-arithmetic family's, sce's and arcee_fusion's 256K
     method = yaml.safe_load(path.read_text())["merge_method"]
     large_stats = method in streammerge.methods.GTA or method in ("sce", "arcee_fusion")
-    small = 64 << 20 if method == "slerp" else 32 << 20 if large_stats else 12 << 20
+    small = 72 << 20 if method == "slerp" else 32 << 20 if large_stats else 12 << 20
     runs = {}
     for label, budget, threads in [
         ("stream-1t", small, 1),

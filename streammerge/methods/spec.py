@@ -116,7 +116,8 @@ def _gta_passes(preset: GTAPreset) -> Callable[[str, dict], int]:
 def _gta_compiled(preset: GTAPreset) -> Callable[[str, dict], tuple[int, int] | None]:
     """gta's compiled loops run for bfloat16 and float32 unless della's per-row ranks or a
     paper-faithful option asks for the eager ops: a work-dtype copy of each input and its
-    pruned delta, and the output (``gta.gta``)."""
+    pruned delta, and the output (``gta.gta``); random pruning (dare) measures as one word
+    per input (its pruned deltas are written in D, where bfloat16 is half a word)."""
 
     def compiled(work_dtype: str, shared: dict) -> tuple[int, int] | None:
         eager = (
@@ -124,7 +125,9 @@ def _gta_compiled(preset: GTAPreset) -> Callable[[str, dict], tuple[int, int] | 
             or shared.get("rescale_mode") == "density"
             or shared.get("sign_election") == "unweighted"
         )
-        return None if eager or work_dtype not in ("BF16", "F32") else (2, 1)
+        if eager or work_dtype not in ("BF16", "F32"):
+            return None
+        return (1, 1) if preset.sparsifier == "random" and work_dtype == "BF16" else (2, 1)
 
     return compiled
 
@@ -220,7 +223,11 @@ SPECS: dict[str, MethodSpec] = {
             max_inputs=2,
             passes=_slerp_passes,
             stat_block=1 << 20,
-            scratch_per_input=2,
+            # its eager fp32 copies and products; measured at 1.5-6 GB per model they hold
+            # more at peak (the plan's estimate is 6-9% under it), but more words would not
+            # fit the 1M-element statistics blocks in a 64 MiB budget: compiled loops are
+            # the fix
+            scratch_per_input=3,
             scratch_fixed=2,
             summary="spherical interpolation from the base (t = 0) to the other model (t = 1)",
         ),  # fmt: skip
@@ -234,7 +241,7 @@ SPECS: dict[str, MethodSpec] = {
             min_inputs=2,
             max_inputs=3,
             scratch_per_input=3,
-            scratch_fixed=6,
+            scratch_fixed=3,  # measured (rows mode, 1.5-6 GB per model)
             compiled=_nuslerp_compiled,
             passes=lambda work_dtype, shared: 2 if _nuslerp_stats(shared) else 0,
             rows=lambda shared: not _nuslerp_stats(shared),
