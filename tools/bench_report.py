@@ -18,12 +18,16 @@ DEFINITIONS = """\
   one process, no overlap.
   No merge can beat it by more than overlapping its reads and writes.
 - **MB/s**: input bytes read / seconds (MB = 10^6 bytes), for every tool.
+- **marginal MB/s** (size scaling): extra input bytes / extra seconds from one size to the
+  next: the throughput without the fixed cost of a run (starting Python, importing torch and
+  the compiled loops, ~1-2 s), which raw MB/s at small sizes includes; **marginal spread**:
+  largest / smallest marginal MB/s - 1 (0% = time grows exactly linearly with size).
 - **x floor**: streammerge seconds / floor seconds for the same input files and output size
   (1.00 = as fast as the disk; below 1 means reads and writes overlapped).
 - **vs mergekit**: mergekit-yaml seconds / streammerge seconds (throughput ratio).
 - **peak RSS**: the child process's high-water mark (`wait4` ru_maxrss), interpreter and torch
   included. **plan estimate**: `streammerge plan --json`'s `estimated_peak_rss_nbytes` (tensor
-  buffers for the same `--max-memory` plus the runtime's measured 370 MiB and 8 MiB of heap fragmentation); **estimate vs peak** = estimate / peak RSS - 1.
+  buffers for the same `--max-memory` plus the runtime's measured 356 MiB and 8 MiB of heap fragmentation); **estimate vs peak** = estimate / peak RSS - 1.
 - **warm**: inputs read through the page cache before each run; **cold**: dropped from it with
   `posix_fadvise(DONTNEED)` before each run (the "cached" column, by `mincore`, shows it worked).
 """
@@ -99,12 +103,15 @@ def scaling_table(res: dict, cache: str) -> list[str]:
     sizes = sorted({r["size_gb"] for r in res["rows"] if r["cache"] == cache})
     if len(sizes) < 2:
         return [f"(one size measured with a {cache} cache; give --sizes with two or more to see scaling)"]
+    steps = list(zip(sizes, sizes[1:]))
     cols = (
         " | ".join(f"MB/s {s:.3g} GB" for s in sizes)
         + " | spread | "
+        + " | ".join(f"marginal MB/s {a:.3g}→{b:.3g} GB" for a, b in steps)
+        + " | marginal spread | "
         + " | ".join(f"RSS MiB {s:.3g} GB" for s in sizes)
     )
-    out = [f"| method | {cols} |", "|" + " --- |" * (2 * len(sizes) + 2)]
+    out = [f"| method | {cols} |", "|" + " --- |" * (2 * len(sizes) + len(steps) + 3)]
     by = {(r["method"], r["size_gb"]): r for r in res["rows"] if r["cache"] == cache}
     floor_method = next((r["method"] for r in res["rows"] if r["inputs"] == 3), None)
     for method in [*dict.fromkeys(r["method"] for r in res["rows"]), "floor"]:
@@ -115,11 +122,23 @@ def scaling_table(res: dict, cache: str) -> list[str]:
         speeds = [mbps(c, c[tool]) if c else None for c in cells]
         known = [v for v in speeds if v]
         spread = max(known) / min(known) - 1 if len(known) == len(sizes) else None
+        margins = [_marginal(a, b, tool) for a, b in zip(cells, cells[1:])]
+        known = [v for v in margins if v]
+        margin_spread = max(known) / min(known) - 1 if len(known) == len(margins) else None
         rsses = [rss(c[tool]) if c and tool == "streammerge" else "–" for c in cells]
         label = "floor (3 inputs)" if method == "floor" else method
         out.append(f"| {label} | " + " | ".join(fmt(v, ".0f") for v in speeds)
-                   + f" | {fmt(spread, '.0%')} | " + " | ".join(rsses) + " |")  # fmt: skip
+                   + f" | {fmt(spread, '.0%')} | " + " | ".join(fmt(v, ".0f") for v in margins)
+                   + f" | {fmt(margin_spread, '.0%')} | " + " | ".join(rsses) + " |")  # fmt: skip
     return out
+
+
+def _marginal(small: dict | None, large: dict | None, tool: str) -> float | None:
+    """Extra input MB per extra second from the smaller size's row to the larger's."""
+    if not (small and large and ok(small[tool]) and ok(large[tool])):
+        return None
+    extra = large[tool]["seconds"] - small[tool]["seconds"]
+    return (large["input_nbytes"] - small["input_nbytes"]) / MB / extra if extra > 0 else None
 
 
 def header(res: dict) -> list[str]:
