@@ -58,6 +58,14 @@ def _pairs(n: int):
     return [(i, j) for i in range(n) for j in range(i + 1, n)]
 
 
+@numba.njit(inline="always", **_JIT)
+def add_squares(d, acc, n):
+    """``acc[j] += d[j]²`` in fp64 for the first ``n`` elements (one lane per element)."""
+    for j in range(n):
+        v = np.float64(d[j])
+        acc[j] += v * v
+
+
 @numba.njit(**_JIT)
 def lane_totals(lanes, out):
     """``out[r]`` = the sum of row ``r`` of ``lanes`` (fp64): eight partial sums by lane
@@ -95,10 +103,7 @@ def _block_sums(base, xs, out):
                     acc[j] += np.float64(_rounded(da[j] * dc[j], b[j]))
                 row += 1
         for a in range(n):
-            da, acc = d[a], lanes[row + a]
-            for j in range(hi - lo):
-                v = np.float64(da[j])
-                acc[j] += v * v
+            add_squares(d[a], lanes[row + a], hi - lo)
     lane_totals(lanes, out)
 
 

@@ -34,7 +34,7 @@ from ..errors import MethodError
 from . import fused, register
 from .fused import _JIT, TILE, _load, _round, _rounded
 from .gta import fast_combine_exact
-from .model_stock import lane_totals
+from .model_stock import add_squares, lane_totals
 
 
 def _inputs(xs, base_index):
@@ -99,10 +99,7 @@ def _square_sums(base, xs, has_base, out):
         hi = min(lo + TILE, base.size)
         _deltas(base, xs, lo, hi, has_base, d)
         for a in range(len(xs)):
-            da, acc = d[a], lanes[a]
-            for j in range(hi - lo):
-                v = np.float64(da[j])
-                acc[j] += v * v
+            add_squares(d[a], lanes[a], hi - lo)
     lane_totals(lanes, out)
 
 
@@ -117,9 +114,7 @@ def _mean_square_sum(base, xs, has_base, divisors, weights, out):
         hi = min(lo + TILE, base.size)
         _deltas(base, xs, lo, hi, has_base, d)
         _mean(d, hi - lo, base[lo:hi], divisors, weights, m)
-        for j in range(hi - lo):
-            v = np.float64(m[j])
-            acc[j] += v * v
+        add_squares(m, acc, hi - lo)
     lane_totals(lanes, out)
 
 

@@ -85,6 +85,26 @@ def _shared(t, count, like):
     return _rounded(_rounded(t * np.float32(count > 1), like) / np.float32(max(count, 1)), like)
 
 
+@numba.njit(inline="always", **_JIT)
+def _tile(xs, base_index, lo, n, eps, tv, count, lam, plus, acc):
+    """``acc[:n]`` = the sum over models of the merged changes of elements ``lo:lo+n``:
+    ``ram``'s terms rounded to D, or with ``plus`` ``ramplus_tl``'s in float32 (unique
+    changes times λ). Returns the base's elements."""
+    base = _changes(xs, base_index, lo, n, eps, tv, count)
+    for j in range(n):
+        acc[j] = np.float32(0)
+    for m in range(len(xs) - 1):
+        t, scale = tv[m], lam[m] if plus else np.float32(1)
+        for j in range(n):
+            c, like = count[j], base[j]
+            alone = _rounded(t[j] * np.float32(c == 1), like)
+            if plus:
+                acc[j] += alone * scale + _shared(t[j], c, like)
+            else:
+                acc[j] += _rounded(alone + _shared(t[j], c, like), like)
+    return base
+
+
 @numba.njit(_signatures("same"), **_JIT)
 def _ram(xs, base_index, eps_bits, lam, out):
     """``out`` = the eager ``ram`` ops' bits (``lam`` unused)."""
@@ -93,17 +113,7 @@ def _ram(xs, base_index, eps_bits, lam, out):
     acc = np.empty(TILE, np.float32)
     for lo in range(0, out.size, TILE):
         n = min(TILE, out.size - lo)
-        base = _changes(xs, base_index, lo, n, eps, tv, count)
-        for j in range(n):
-            acc[j] = np.float32(0)
-        for m in range(models):
-            t = tv[m]
-            for j in range(n):
-                c = count[j]
-                acc[j] += _rounded(
-                    _rounded(t[j] * np.float32(c == 1), base[j]) + _shared(t[j], c, base[j]), base[j]
-                )
-        o = out[lo : lo + n]
+        base, o = _tile(xs, base_index, lo, n, eps, tv, count, lam, False, acc), out[lo : lo + n]
         for j in range(n):
             o[j] = _round(_load(base[j]) + _rounded(acc[j], base[j]), base[j])
 
@@ -116,15 +126,7 @@ def _ramplus(xs, base_index, eps_bits, lam, out):
     acc = np.empty(TILE, np.float32)
     for lo in range(0, out.size, TILE):
         n = min(TILE, out.size - lo)
-        base = _changes(xs, base_index, lo, n, eps, tv, count)
-        for j in range(n):
-            acc[j] = np.float32(0)
-        for m in range(models):
-            t, scale = tv[m], lam[m]
-            for j in range(n):
-                c = count[j]
-                acc[j] += _rounded(t[j] * np.float32(c == 1), base[j]) * scale + _shared(t[j], c, base[j])
-        o = out[lo : lo + n]
+        base, o = _tile(xs, base_index, lo, n, eps, tv, count, lam, True, acc), out[lo : lo + n]
         for j in range(n):
             o[j] = _load(base[j]) + acc[j]
 
