@@ -440,3 +440,11 @@ def bits(x: torch.Tensor) -> np.ndarray:
     """A CPU tensor's elements as a flat numpy integer view (a view when contiguous, so
     a loop's writes land in the tensor)."""
     return x.contiguous().view(_BITS[x.dtype]).reshape(-1).numpy()
+
+
+def bits_list(xs: list[torch.Tensor]) -> numba.typed.List:
+    """``bits`` of each tensor, as the typed list a loop taking any number of inputs wants."""
+    out = numba.typed.List()
+    for x in xs:
+        out.append(bits(x))
+    return out

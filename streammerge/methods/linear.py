@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import register
-from .fused import _JIT, TILE, _f32, _fma, _load, _round, bits, supports
+from .fused import _JIT, TILE, _f32, _fma, _load, _round, bits, bits_list, supports
 
 
 def _eager(xs: list[torch.Tensor], weight: list[float], normalize: bool) -> torch.Tensor:
@@ -82,9 +82,11 @@ def linear(
     divisor = coefficients.sum() if normalize else torch.zeros(())
     if normalize and divisor.item() == 0:  # x / +0 is not "no division": keep torch's inf/NaN
         return _eager(xs, weight, normalize)
-    inputs = numba.typed.List()
-    for x in xs:
-        inputs.append(bits(x))
     out = torch.empty_like(xs[0])
-    _linear(inputs, coefficients.numpy(), bits(out), np.uint32(divisor.view(torch.int32).item() & 0xFFFFFFFF))
+    _linear(
+        bits_list(xs),
+        coefficients.numpy(),
+        bits(out),
+        np.uint32(divisor.view(torch.int32).item() & 0xFFFFFFFF),
+    )
     return out

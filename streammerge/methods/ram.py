@@ -13,8 +13,8 @@ For bfloat16 and float32 on the CPU compiled loops do each step per element in o
 eager ops make a dozen passes over stacked (models, elements) temporaries): the same float32
 operation torch does, rounded to D where torch rounds (``ε`` compared as D holds it, the sum
 over models accumulated in float32 from +0 in model order, as torch does for up to 4 float32
-or 8 bfloat16 models; ``ramplus_tl``'s λ products in float32 as torch promotes them). float16, float64 and other devices run the eager ops.
-One exception to bit-identity: where two NaNs meet in a float32 sum, which NaN's payload
+or 8 bfloat16 models; ``ramplus_tl``'s λ products in float32 as torch promotes them).
+float16, float64 and other devices run the eager ops. One exception to bit-identity: where two NaNs meet in a float32 sum, which NaN's payload
 survives is the compiler's choice (LLVM treats addition as commutative), so with float32
 inputs a result may hold another NaN there; with bfloat16 inputs every NaN is 0xFFFF and all
 bits agree.
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import register
-from .fused import _JIT, TILE, _f32, _load, _round, _rounded, bits, supports
+from .fused import _JIT, TILE, _f32, _load, _round, _rounded, bits, bits_list, supports
 from .gta import fast_combine_exact
 
 
@@ -163,13 +163,6 @@ def _compiled(xs) -> bool:
     return same and fast_combine_exact(xs[0].dtype, len(xs) - 1)
 
 
-def _inputs(xs):
-    inputs = numba.typed.List()
-    for x in xs:
-        inputs.append(bits(x))
-    return inputs
-
-
 def _ram_eager(xs, base_index, epsilon):
     base, tv_flat, nonzero, counts, overlap, unique = _prepare(xs, base_index, epsilon)
     tv_z = tv_flat * nonzero
@@ -198,7 +191,7 @@ def ram(xs, *, base_index, epsilon=1e-5):
     if not _compiled(xs):
         return _ram_eager(xs, base_index, epsilon)
     out = torch.empty_like(xs[base_index])
-    _ram(_inputs(xs), base_index, _eps_bits(xs[0].dtype, epsilon), np.zeros(0, np.float32), bits(out))
+    _ram(bits_list(xs), base_index, _eps_bits(xs[0].dtype, epsilon), np.zeros(0, np.float32), bits(out))
     return out
 
 
@@ -206,7 +199,7 @@ def ramplus_fold(i, acc, xs, *, base_index, r=0.1, alpha=0.2, epsilon=1e-5):
     """The one statistics pass: per model, elements it changes alone and together."""
     if _compiled(xs):
         counts = np.zeros((2, len(xs) - 1), np.int64)
-        _ramplus_counts(_inputs(xs), base_index, _eps_bits(xs[0].dtype, epsilon), counts)
+        _ramplus_counts(bits_list(xs), base_index, _eps_bits(xs[0].dtype, epsilon), counts)
         shared, alone = torch.from_numpy(counts[0]), torch.from_numpy(counts[1])
     else:
         shared, alone = _counts_eager(xs, base_index, epsilon)
@@ -232,5 +225,5 @@ def ramplus_tl(xs, *, stats, base_index, r=0.1, alpha=0.2, epsilon=1e-5):
         return _ramplus_eager(xs, stats[0], base_index, epsilon)
     out = torch.empty(xs[base_index].shape, dtype=torch.float32)
     lam = stats[0].to(torch.float32).contiguous().numpy()
-    _ramplus(_inputs(xs), base_index, _eps_bits(xs[0].dtype, epsilon), lam, out.view(-1).numpy())
+    _ramplus(bits_list(xs), base_index, _eps_bits(xs[0].dtype, epsilon), lam, out.view(-1).numpy())
     return out

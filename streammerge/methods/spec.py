@@ -192,16 +192,11 @@ def _sce_passes(work_dtype: str, shared: dict) -> int:
     return (_select_passes(work_dtype) if select else 0) + 1  # + the mean squares
 
 
-def _nearswap_compiled(work_dtype: str, shared: dict) -> tuple[int, int] | None:
-    """One compiled loop (``nearswap``) for bfloat16/float32: a work-dtype copy of each
-    input and the output."""
-    return (1, 1) if work_dtype in ("BF16", "F32") else None
-
-
-def _arcee_compiled(work_dtype: str, shared: dict) -> tuple[int, int] | None:
-    """Compiled histogram and combine loops for bfloat16/float32: a work-dtype copy of each
-    input, the output, and the softmaxes of a statistics block's rows (``arcee_fusion``)."""
-    return (1, 2) if work_dtype in ("BF16", "F32") else None
+def _on_bf16_f32(per_input: int, fixed: int) -> Callable[[str, dict], tuple[int, int] | None]:
+    """``compiled`` for a method whose loops run for bfloat16 and float32 whatever its
+    parameters: ``per_input`` words per input (a work-dtype copy of each, when it converts)
+    and ``fixed`` more (the output, and the method's own scratch)."""
+    return lambda work_dtype, shared: (per_input, fixed) if work_dtype in ("BF16", "F32") else None
 
 
 SPECS: dict[str, MethodSpec] = {
@@ -211,8 +206,7 @@ SPECS: dict[str, MethodSpec] = {
             "linear",
             (Param("weight", float, Scope.INPUT), Param("normalize", bool, Scope.SHARED, True)),
             summary="weighted average of the inputs",
-            # compiled: a work-dtype copy of each input (when it converts) and the output
-            compiled=lambda work_dtype, shared: (1, 1) if work_dtype in ("BF16", "F32") else None,
+            compiled=_on_bf16_f32(1, 1),  # the output
         ),
         *(_gta_spec(name, preset) for name, preset in GTA.items()),
         MethodSpec(
@@ -256,8 +250,7 @@ SPECS: dict[str, MethodSpec] = {
             ),
             scratch_per_input=4,
             scratch_fixed=4,
-            # compiled: a work-dtype copy of each input (when it converts) and the output
-            compiled=lambda work_dtype, shared: (1, 1) if work_dtype in ("BF16", "F32") else None,
+            compiled=_on_bf16_f32(1, 1),  # the output
             passes=lambda work_dtype, shared: 2,  # the norms, then the norm of the mean direction
             stat_block=1 << 17,
             summary="spherical barycentre of several models (or task vectors from a base), by weight",
@@ -295,7 +288,7 @@ SPECS: dict[str, MethodSpec] = {
             max_inputs=2,
             scratch_per_input=4,
             scratch_fixed=8,
-            compiled=_arcee_compiled,
+            compiled=_on_bf16_f32(1, 2),  # the output, a statistics block's row softmaxes
             passes=lambda work_dtype, shared: _select_passes(work_dtype),
             # whole rows of about 256K elements: the softmax's dozen torch calls per block
             # would cost more than the compiled loops at 64K
@@ -325,8 +318,7 @@ SPECS: dict[str, MethodSpec] = {
             requires_base=True,
             scratch_per_input=4,
             scratch_fixed=6,
-            # compiled: a work-dtype copy of each input (when it converts) and the output
-            compiled=lambda work_dtype, shared: (1, 1) if work_dtype in ("BF16", "F32") else None,
+            compiled=_on_bf16_f32(1, 1),  # the output
             summary="changes made by one model kept whole, shared changes averaged",
         ),  # fmt: skip
         MethodSpec(
@@ -339,9 +331,7 @@ SPECS: dict[str, MethodSpec] = {
             requires_base=True,
             scratch_per_input=5,
             scratch_fixed=6,
-            # compiled: a work-dtype copy of each input (when it converts), the float32 result
-            # and its cast to the output dtype
-            compiled=lambda work_dtype, shared: (1, 2) if work_dtype in ("BF16", "F32") else None,
+            compiled=_on_bf16_f32(1, 2),  # the float32 result and its cast to the output dtype
             passes=lambda work_dtype, shared: 1,
             summary="ram with each model's unique changes boosted by its overlap ratio",
         ),  # fmt: skip
@@ -353,7 +343,7 @@ SPECS: dict[str, MethodSpec] = {
             max_inputs=2,
             scratch_per_input=2,
             scratch_fixed=4,
-            compiled=_nearswap_compiled,
+            compiled=_on_bf16_f32(1, 1),  # the output
             summary="take the other model where it is within t of the base, blend elsewhere",
         ),  # fmt: skip
         MethodSpec(
