@@ -138,7 +138,9 @@ def install_mergekit(wheels: Path, work: Path) -> str | None:
         return None
     site = work / "mk-site"
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(site)]
-    subprocess.run(pip + [str(w) for w in found], check=True)
+    if subprocess.run(pip + [str(w) for w in found]).returncode != 0:
+        print(f"mergekit: the wheels in {wheels} do not install here (pip said why above); not benchmarked")
+        return None
     wrapper = work / "mkpython"
     wrapper.write_text(
         f'#!/bin/sh\nPYTHONPATH="{site}${{PYTHONPATH:+:$PYTHONPATH}}" exec "{sys.executable}" "$@"\n'
