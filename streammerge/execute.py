@@ -5,6 +5,10 @@ buffers allocated once), the calling thread merges the other set block by block 
 of two write buffers, and a writer thread ``pwrite``s the previous buffer at its planned
 offset and hashes it. The buffers are exactly the plan's ``Estimate``; nothing grows with
 model size. Kernels are elementwise, so any chunk or block size gives the same bytes.
+
+With ``--device cuda`` the buffers are pinned, each chunk crosses to the GPU whole and its
+result comes back whole (``_JobRun._combine_on_device``); statistics passes stay on the CPU,
+since torch sums in another order on a GPU.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ TORCH_DTYPES = {
     "U64": torch.uint64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
 _ALIGN = 64  # byte alignment of each input's region inside a read set
+DEVICE_BLOCK_ELEMS = 1 << 24  # a GPU block: ~30 words of temporaries per element stay < 2 GiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,8 +253,8 @@ def _run(
     est = plan.estimate
     read_bucket, write_bucket = io.buckets()
     n_inputs = max((len(j.inputs) for j in plan.jobs), default=1)
-    read_sets = [np.empty(est.read_set_nbytes + _ALIGN * n_inputs, np.uint8) for _ in range(2)]
-    write_bufs = [np.empty(est.write_buffer_nbytes, np.uint8) for _ in range(2)]
+    read_sets = [_buffer(est.read_set_nbytes + _ALIGN * n_inputs, dev) for _ in range(2)]
+    write_bufs = [_buffer(est.write_buffer_nbytes, dev) for _ in range(2)]
     free_reads: queue.Queue = queue.Queue()
     free_writes: queue.Queue = queue.Queue()
     for b in read_sets:
@@ -346,6 +351,14 @@ def _run(
     return writer.digests
 
 
+def _buffer(nbytes: int, dev: torch.device) -> np.ndarray:
+    """A read set or write buffer: page-locked (pinned) for a CUDA device, so whole chunks
+    go over PCIe by DMA, without the driver's staging copy; plain memory on the CPU."""
+    if dev.type == "cuda":
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()  # the array keeps it alive
+    return np.empty(nbytes, np.uint8)
+
+
 def _get(q: queue.Queue, stop: threading.Event):
     while not stop.is_set():
         try:
@@ -391,9 +404,8 @@ class _JobRun:
         self.acc = None
         self.state: dict = {}
 
-    def _blocks(self, views: list[np.ndarray], start: int, end: int, step: int):
-        """(flat offset, input blocks on the device in dtype D) over one chunk."""
-        xs = self._raw(views)
+    def _blocks(self, xs: list[torch.Tensor], start: int, end: int, step: int):
+        """(flat offset, input blocks in dtype D) over one chunk, on the chunk's device."""
         for s in range(0, end - start, step):
             yield start + s, self._block(xs, s, min(end - start, s + step))
 
@@ -401,7 +413,7 @@ class _JobRun:
         return [torch.from_numpy(v).view(TORCH_DTYPES[r.dtype]) for v, r in zip(views, self.job.inputs)]
 
     def _block(self, xs: list[torch.Tensor], s: int, e: int) -> list[torch.Tensor]:
-        return [x[s:e].to(device=self.dev, dtype=self.work) for x in xs]
+        return [x[s:e].to(dtype=self.work) for x in xs]
 
     def _call(self, fn, *args, offset: int, **extra):
         ctx = BlockContext(self.job.method, self.job.name, self.job.shape, offset, self.seed, self.work)
@@ -410,12 +422,15 @@ class _JobRun:
         return fn(*args, base_index=self.job.base_index, **wanted, **extra, **self.params)
 
     def fold(self, i: int, views: list[np.ndarray], start: int, end: int) -> None:
-        """Fold one chunk into statistics pass ``i``; finish the pass at the tensor's end."""
+        """Fold one chunk into statistics pass ``i``; finish the pass at the tensor's end.
+
+        On the CPU whatever the device: statistics are sums, and torch sums in a different
+        order on a GPU (so other bits); a pass is one read, cheap next to the combine."""
         if start == 0:
             self.acc, self.state = None, {}
         step = self.job.stat_block_elems
         if self.kernel.reduce is None:  # blocks in order, each onto the running accumulator
-            for offset, xs in self._blocks(views, start, end, step):
+            for offset, xs in self._blocks(self._raw(views), start, end, step):
                 self.acc = self._call(self.kernel.fold, i, self.acc, xs, offset=offset)
         else:  # runs of blocks on every core, each run folded in order, the runs joined in order
             raw = self._raw(views)
@@ -451,9 +466,11 @@ class _JobRun:
             self.state = {}
         end = start + out.nbytes // ITEMSIZE[self.job.out_dtype]
         out_all = torch.from_numpy(out).view(TORCH_DTYPES[self.job.out_dtype])
+        if self._staged():
+            return self._combine_on_device(views, start, end, out_all)
         step, window = self._combine_step()
         if window < 2:  # blocks in order, each split across the cores by the kernel
-            for offset, xs in self._blocks(views, start, end, step):
+            for offset, xs in self._blocks(self._raw(views), start, end, step):
                 result = self._call(self.kernel.combine, xs, offset=offset)
                 out_all[offset - start : offset - start + result.numel()].copy_(result.reshape(-1))
             return
@@ -467,6 +484,29 @@ class _JobRun:
 
         for _ in parallel.map_ordered(combine_block, range(0, end - start, step), window):
             pass
+
+    def _combine_on_device(self, views: list[np.ndarray], start: int, end: int, out: torch.Tensor) -> None:
+        """The chunk crosses to the device whole, one copy per input (asynchronous from the
+        pinned read set), its blocks run there in order as slices of it (the device is the
+        parallelism: no host threads), and the result comes back whole into ``out``."""
+        xs = [x.to(self.dev, non_blocking=True) for x in self._raw(views)]
+        result = torch.empty(end - start, dtype=out.dtype, device=self.dev)
+        for offset, blocks in self._blocks(xs, start, end, self._device_step()):
+            r = self._call(self.kernel.combine, blocks, offset=offset)
+            result[offset - start : offset - start + r.numel()].copy_(r.reshape(-1))
+        out.copy_(result, non_blocking=True)
+        if self.dev.type == "cuda":  # the read set and ``out`` are handed on after this returns
+            torch.cuda.current_stream(self.dev).synchronize()
+
+    def _staged(self) -> bool:
+        """Whether the combine runs on whole chunks staged on a device (not the CPU path)."""
+        return self.dev.type != "cpu"
+
+    def _device_step(self) -> int:
+        """A device block: the plan's block (whole rows for row-wise methods) times as many as
+        fit DEVICE_BLOCK_ELEMS, so a chunk is a few kernel launches, not thousands."""
+        block = self.job.block_elems
+        return max(block, DEVICE_BLOCK_ELEMS // block * block)
 
     def _combine_step(self) -> tuple[int, int]:
         """(block, blocks at once): the plan's block split in one part per thread, whole rows

@@ -78,3 +78,22 @@ def test_every_method_is_identical_across_threads_and_budgets(path, small_root, 
     if streammerge.methods.SPECS[plan.config.merge_method].random:
         streammerge.merge(cfg, tmp_path / "seed6", max_memory=2 << 30, seed=6)
         assert _digests(tmp_path / "seed6") != runs["whole-2t"]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_the_device_path_gives_the_cpu_bytes(path, small_root, tmp_path, monkeypatch):
+    """``--device cuda``'s executor path, run here on the CPU: statistics passes on the CPU,
+    each chunk staged whole and merged in device blocks (slices of it, several per chunk
+    here), one result copied back. Its bytes must be the CPU path's; tests/test_cuda.py
+    checks the same on a real GPU."""
+    from streammerge import execute
+
+    cfg = _on(path, small_root, tmp_path)
+    method = yaml.safe_load(path.read_text())["merge_method"]
+    large_stats = method in streammerge.methods.GTA or method in ("sce", "arcee_fusion")
+    budget = 72 << 20 if method == "slerp" else 32 << 20 if large_stats else 12 << 20
+    streammerge.merge(cfg, tmp_path / "cpu", max_memory=budget, seed=5)
+    monkeypatch.setattr(execute._JobRun, "_staged", lambda self: True)
+    monkeypatch.setattr(execute, "DEVICE_BLOCK_ELEMS", 1 << 18)
+    streammerge.merge(cfg, tmp_path / "staged", max_memory=budget, seed=5)
+    assert _digests(tmp_path / "staged") == _digests(tmp_path / "cpu")

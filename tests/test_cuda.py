@@ -3,6 +3,11 @@
 Checked on an H200 (2026-11-26, torch 2.11+cu130): 19 of 22 configs bit-identical before
 karcher's Gram matrix and arcee_fusion's importance moved to the CPU and slerp's
 statistics to the block's device; those three are the reason this test exists.
+tools/gpu_check.py on an H200 (2026-11-27, 0.3 GB models, 96 MiB budget): 18 of 22 configs
+bit-identical; karcher and slerp differed and nuslerp/nuslerp_columns mixed devices. Since
+then statistics passes run on the CPU, nuslerp's sines are taken there and karcher's scale
+is rounded as on the CPU (not yet re-run on a GPU). tests/test_configs.py runs the device
+path's executor on the CPU for every config.
 """
 
 from __future__ import annotations

@@ -293,15 +293,24 @@ def main() -> None:
     res["max_memory"], res["methods"] = args.check_max_memory, []
     print(f"gpu_check: {res['env']}", flush=True)
 
+    t0 = time.perf_counter()
     (s,) = bench_suite.choose_sets([args.check_size], [], args.work / "data")
     bench_suite.generate(s, print)
     for stem in methods:
         cfg = bench_suite.write_config(stem, s["root"], args.work / "configs")
         row = check_method(stem, cfg, args.work, args.device, parse_size(args.check_max_memory))
         res["methods"].append(row)
-        print(f"check {stem}: {'ok' if row['ok'] else 'FAIL'} {row.get('error', '')}", flush=True)
+        detail = (
+            row.get("error")
+            or f"{row['differ']} of {row['elements']} differ, worst {row['worst_ulps']:.3g} ulp"
+        )
+        print(
+            f"check {stem}: {'ok' if row['ok'] else 'FAIL'} {detail} [{time.perf_counter() - t0:.0f} s]",
+            flush=True,
+        )
     shutil.rmtree(s["root"], ignore_errors=True)
     shutil.rmtree(args.work / "configs", ignore_errors=True)
+    write_report(res, args.out)  # now, in case the benchmark runs out of the machine's time
 
     if args.bench_size > 0:
         res |= bench(args, methods)

@@ -82,4 +82,8 @@ def karcher(xs, *, stats, base_index=None, max_iter=10, tol=1e-5):
         return xs[0]
     a, scale = stats[0]
     direction = sum(float(c) * x.float() for c, x in zip(a, xs)).to(xs[0].dtype)
-    return torch.tensor(scale, dtype=torch.float32) * direction
+    # ``fp32 scale * direction`` as the CPU computes it, spelled out: the scale rounded to D,
+    # the product in fp32, rounded to D. A CUDA kernel skips the first rounding.
+    scale_d = torch.tensor(scale, dtype=torch.float32).to(direction.dtype).item()
+    wide = torch.float64 if direction.dtype == torch.float64 else torch.float32
+    return (direction.to(wide) * scale_d).to(direction.dtype)

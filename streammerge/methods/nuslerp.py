@@ -55,8 +55,20 @@ def _angle(cos_theta):
 
 
 def _interpolate(t, v0, v1, colinear, theta, sin_theta):
-    result = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
-    return torch.where(colinear, (1 - t) * v0 + t * v1, result)
+    return _weigh(t, v0, v1, colinear, torch.sin((1 - t) * theta), torch.sin(t * theta), sin_theta)
+
+
+def _weigh(t, v0, v1, colinear, sin0, sin1, sin_theta):
+    """``_interpolate`` with its sines given: sin((1-t)θ), sin(tθ), sin θ."""
+    return torch.where(colinear, (1 - t) * v0 + t * v1, (sin0 * v0 + sin1 * v1) / sin_theta)
+
+
+def _on_device(t, stats, device) -> list[torch.Tensor]:
+    """The statistics passes' angles as (colinear, sin((1-t)θ), sin(tθ), sin θ) on DEVICE: the
+    sines are taken where the statistics are (the CPU), as the compiled combine takes them,
+    since a GPU's sin can differ from the CPU's in the last bit."""
+    colinear, theta, sin_theta = stats
+    return [s.to(device) for s in (colinear, torch.sin((1 - t) * theta), torch.sin(t * theta), sin_theta)]
 
 
 def _vector_count(ctx) -> int:
@@ -323,10 +335,10 @@ def nuslerp(xs, *, ctx, stats, base_index, weight, nuslerp_flatten=True, nuslerp
     base, v0, v1, others = _vectors(xs, base_index)
     t = _t(weight, others)
     if nuslerp_flatten:
-        result = _interpolate(t, v0, v1, *stats[1])
+        result = _weigh(t, v0, v1, *_on_device(t, stats[1], v0.device))
     elif nuslerp_row_wise:  # vectors along dim 0: each element takes its column's angle
         columns = _columns(ctx, v0.numel(), v0.device)
-        result = _interpolate(t, v0, v1, *(_per_element(s, columns) for s in stats[1]))
+        result = _weigh(t, v0, v1, *(_per_element(s, columns) for s in _on_device(t, stats[1], v0.device)))
     else:  # each row (last dimension) is a vector: mergekit's computation on whole rows
         row = ctx.row  # blocks hold whole rows (a 1-D tensor whole)
         r0, r1 = v0.reshape(-1, row), v1.reshape(-1, row)

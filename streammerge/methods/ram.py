@@ -178,9 +178,9 @@ def _counts_eager(xs, base_index, epsilon):
 def _ramplus_eager(xs, lam, base_index, epsilon):
     base, tv_flat, nonzero, counts, overlap, unique = _prepare(xs, base_index, epsilon)
     tv_z = tv_flat * nonzero
-    merged = ((tv_z * unique * lam.unsqueeze(-1)) + (tv_z * overlap / counts.clamp(min=1))).sum(
-        dim=0, keepdim=True
-    )
+    merged = (
+        (tv_z * unique * lam.to(tv_z.device).unsqueeze(-1)) + (tv_z * overlap / counts.clamp(min=1))
+    ).sum(dim=0, keepdim=True)
     return base + merged.reshape_as(base)
 
 
