@@ -12,11 +12,15 @@ beside the weights is read for architecture facts. Only headers are read here: a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .errors import CheckpointError
 from .header import ITEMSIZE, read_header
@@ -210,14 +214,49 @@ def _read_config(p: Path) -> dict | None:
     return doc
 
 
+_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; Python 3.11 lacks the name
+
+
 class Reader:
-    """Reads element ranges of tensors into caller-owned buffers with ``os.preadv``.
+    """Reads element ranges of tensors into caller-owned buffers with ``os.preadv``, or
+    maps them (``map``) so that a merge reads the page cache's own pages, with no copy.
 
     Keeps one read-only descriptor per file; not thread-safe across instances' close.
     """
 
     def __init__(self) -> None:
         self._fds: dict[str, int] = {}
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot open: {e.strerror}") from None
+        return fd
+
+    def map(self, ref: TensorRef, start: int, stop: int) -> np.ndarray | None:
+        """Elements ``[start, stop)`` of ``ref`` as bytes of a private mapping of its file,
+        every page faulted in now (MADV_POPULATE_READ, so the merge that reads them does
+        not stop on faults); None where the data is not aligned to its dtype in the file
+        (``read`` copies those). The mapping goes when the last view of it does."""
+        assert ref.derive is None, "derived inputs are read through derive.read_derived"
+        itemsize = ITEMSIZE[ref.dtype]
+        offset, want = ref.offset + start * itemsize, (stop - start) * itemsize
+        if offset % itemsize or want == 0:
+            return None
+        fd = self._fd(ref.path)
+        if os.fstat(fd).st_size < offset + want:  # a mapping past the end would SIGBUS
+            raise CheckpointError(
+                f"{ref.path}: file ends before byte {offset + want}; it changed or was truncated during the merge"
+            )
+        page = offset - offset % mmap.ALLOCATIONGRANULARITY
+        # copy-on-write: writable views (torch wants them) that never write to the file
+        mapped = mmap.mmap(fd, offset + want - page, access=mmap.ACCESS_COPY, offset=page)
+        with contextlib.suppress(OSError):  # an older kernel: pages fault in as they are read
+            mapped.madvise(_POPULATE_READ)
+        return np.frombuffer(mapped, np.uint8, want, offset - page)
 
     def read(self, ref: TensorRef, start: int, stop: int, out: memoryview) -> None:
         """Fill ``out`` (exactly ``(stop - start) * itemsize`` bytes) with elements
@@ -226,12 +265,7 @@ class Reader:
         itemsize = ITEMSIZE[ref.dtype]
         want = (stop - start) * itemsize
         assert len(out) == want, (len(out), want)
-        fd = self._fds.get(ref.path)
-        if fd is None:
-            try:
-                fd = self._fds[ref.path] = os.open(ref.path, os.O_RDONLY)
-            except OSError as e:
-                raise CheckpointError(f"{ref.path}: cannot open: {e.strerror}") from None
+        fd = self._fd(ref.path)
         offset = ref.offset + start * itemsize
         done = 0
         while done < want:

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import mmap
 import os
 import queue
 import resource
@@ -49,6 +50,7 @@ TORCH_DTYPES = {
     "U64": torch.uint64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
 _ALIGN = 64  # byte alignment of each input's region inside a read set
+MAP_INPUTS = True  # read inputs through mmap (False: preadv copies into the read sets)
 DEVICE_BLOCK_ELEMS = 1 << 24  # a GPU block: ~30 words of temporaries per element stay < 2 GiB
 
 
@@ -261,6 +263,8 @@ def _run(
         free_reads.put(b)
     for b in write_bufs:
         free_writes.put(b)
+    # inputs are mapped, not copied, except for a GPU (which copies from the pinned read sets)
+    mapping = MAP_INPUTS and dev.type == "cpu"
     ready: queue.Queue = queue.Queue(maxsize=2)
     to_write: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
@@ -276,11 +280,15 @@ def _run(
                 if buf is None:
                     return
                 views = _input_views(job, start, end, buf)
-                for ref, view in zip(job.inputs, views):
-                    if ref.derive is None:
-                        reader.read(ref, start, end, memoryview(view))
-                    else:
+                for k, ref in enumerate(job.inputs):
+                    view = views[k]
+                    if ref.derive is not None:
                         read_derived(reader, ref, start, end, view)
+                    elif (mapped := reader.map(ref, start, end) if mapping else None) is not None:
+                        _release(buf, view)
+                        views[k] = mapped  # the page cache's pages: no copy into the read set
+                    else:
+                        reader.read(ref, start, end, memoryview(view))
                     if read_bucket is not None:
                         read_bucket.take(len(view))
                 _put(ready, (job, phase, start, end, buf, views), stop)
@@ -324,6 +332,7 @@ def _run(
                 run = _JobRun(job, plan.seed, dev)
             if phase >= 0:  # a statistics pass: nothing to write
                 run.fold(phase, views, start, end)
+                item = views = None  # unmaps mapped inputs before the reader maps more
                 free_reads.put(rbuf)
                 continue
             wbuf = _get(free_writes, stop)
@@ -334,6 +343,7 @@ def _run(
                 for i in range(job.passes):
                     run.fold(i, views, start, end)
             run.combine(views, start, wbuf[:nbytes])
+            item = views = None
             free_reads.put(rbuf)
             _put(to_write, (job, start, end, wbuf, nbytes), stop)
         if errors:
@@ -353,10 +363,21 @@ def _run(
 
 def _buffer(nbytes: int, dev: torch.device) -> np.ndarray:
     """A read set or write buffer: page-locked (pinned) for a CUDA device, so whole chunks
-    go over PCIe by DMA, without the driver's staging copy; plain memory on the CPU."""
+    go over PCIe by DMA, without the driver's staging copy; else a private anonymous
+    mapping, whose pages ``_release`` can hand back."""
     if dev.type == "cuda":
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()  # the array keeps it alive
-    return np.empty(nbytes, np.uint8)
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)
+
+
+def _release(buf: np.ndarray, view: np.ndarray) -> None:
+    """Give back the pages of read set ``buf`` under ``view`` (an input that was mapped
+    instead): a read set that once held a copied input stays resident otherwise, and the
+    mapped chunks would come on top of it, past the budget."""
+    lo = view.ctypes.data - buf.ctypes.data
+    lo, hi = -(-lo // mmap.PAGESIZE) * mmap.PAGESIZE, (lo + view.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo and isinstance(buf.base, memoryview) and isinstance(buf.base.obj, mmap.mmap):
+        buf.base.obj.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def _get(q: queue.Queue, stop: threading.Event):

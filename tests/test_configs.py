@@ -97,3 +97,19 @@ def test_the_device_path_gives_the_cpu_bytes(path, small_root, tmp_path, monkeyp
     monkeypatch.setattr(execute, "DEVICE_BLOCK_ELEMS", 1 << 18)
     streammerge.merge(cfg, tmp_path / "staged", max_memory=budget, seed=5)
     assert _digests(tmp_path / "staged") == _digests(tmp_path / "cpu")
+
+
+@pytest.mark.parametrize("stem", ["linear", "ties", "slerp", "passthrough", "nuslerp"])
+def test_mapped_and_copied_reads_give_the_same_bytes(stem, small_root, tmp_path, monkeypatch):
+    """Inputs are mmap'ed (the page cache's pages, no copy) unless MAP_INPUTS is off, when
+    they are preadv'ed into the read sets, as on a GPU; derived inputs (a tokenizer's rows)
+    always go through the read sets. Streamed, with statistics passes: the same bytes."""
+    from streammerge import execute
+
+    path = next(p for p in CONFIGS if p.stem == stem)
+    cfg = _on(path, small_root, tmp_path)
+    budget = 72 << 20 if stem == "slerp" else 32 << 20
+    streammerge.merge(cfg, tmp_path / "mapped", max_memory=budget, seed=5)
+    monkeypatch.setattr(execute, "MAP_INPUTS", False)
+    streammerge.merge(cfg, tmp_path / "copied", max_memory=budget, seed=5)
+    assert _digests(tmp_path / "mapped") == _digests(tmp_path / "copied")
