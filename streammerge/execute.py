@@ -1,9 +1,10 @@
 """Run a plan within ``--max-memory``: read, merge and write chunk by chunk.
 
-Three stages overlap: a reader thread fills one of two read sets (``os.preadv`` into
-buffers allocated once), the calling thread merges the other set block by block into one
-of two write buffers, and a writer thread ``pwrite``s the previous buffer at its planned
-offset and hashes it. The buffers are exactly the plan's ``Estimate``; nothing grows with
+Three stages overlap: a reader thread makes one of two read sets ready (each input's
+chunk mmap'ed and faulted in: the page cache's own pages, no copy; derived, unaligned and
+GPU inputs ``os.preadv``'ed into buffers allocated once), the calling thread merges the
+other set block by block into one of two write buffers, and a writer thread ``pwrite``s
+the previous buffer at its planned offset and hashes it. The buffers are exactly the plan's ``Estimate``; nothing grows with
 model size. Kernels are elementwise, so any chunk or block size gives the same bytes.
 
 With ``--device cuda`` the buffers are pinned, each chunk crosses to the GPU whole and its
