@@ -137,6 +137,9 @@ def test_bfloat16_rounding_is_torchs():
     "method, extra",
     [
         ("task_arithmetic", {}),
+        ("task_arithmetic", {"normalize": True, "lambda": 0.7}),
+        ("ties", {"density": [1.0, 1.0, 1.0, None]}),  # nothing pruned: deltas made in the loop
+        ("dare_linear", {"density": [1.0, 1.0, 1.0, None], "normalize": True}),
         ("ties", {}),
         ("ties", {"rescale": True}),
         ("dare_ties", {}),
@@ -159,7 +162,7 @@ def test_gta_through_the_compiled_loops_is_the_eager_ops(monkeypatch, dtype, met
     ]
     params = {"weight": [0.5, -0.3, 0.9, None], **extra}
     names = {p.name for p in SPECS[method].params}
-    if "density" in names:
+    if "density" in names and "density" not in extra:
         params["density"] = [0.4, 0.7, 0.55, None]
     kwargs = dict(base_index=3, chunk_elems=24_000, block_elems=8_192, name="layers.0.w", seed=3, **params)
     compiled = merge_tensors(method, [*xs, base], **kwargs)

@@ -339,6 +339,15 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
     preset = GTA[ctx.method]
     l1 = rescale and rescale_mode == "l1"
     factors = stats[-1] if preset.sparsifier is not None and l1 and stats else {}
+    weights = [weight[m] for m in others]
+    unweighted = preset.consensus == "sum" and sign_election == "unweighted"
+    if (
+        all(preset.sparsifier is None or not _prunes(density[m]) for m in others)
+        and fused.supports(base)
+        and fast_combine_exact(base.dtype, len(others))
+        and not unweighted
+    ):  # nothing pruned: one compiled pass, no deltas array
+        return _combine_fused(base, [xs[m] for m in others], weights, preset.consensus, normalize, lam)
     deltas = base.new_empty((len(others), *base.shape))  # (n_models, *block)
     by_density = rescale and rescale_mode == "density"
 
@@ -365,8 +374,7 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
         parallel.run(lambda lo, hi: prune(lo, hi, part_states[lo]), base.numel())
     else:  # elementwise (keyed random masks), or whole rows for della
         parallel.run(prune, base.numel(), ctx.row if preset.sparsifier == "della_magprune" else 1)
-    weights = [weight[m] for m in others]
-    if preset.consensus == "sum" and sign_election == "unweighted":
+    if unweighted:
         return combine_eager(base, deltas, weights, preset.consensus, normalize, lam, weighted_election=False)
     if fused.supports(base) and fast_combine_exact(deltas.dtype, len(others)):
         return _combine_fused(base, deltas, weights, preset.consensus, normalize, lam)
@@ -410,14 +418,21 @@ def _store_seen(seen: dict, lo: Boundary, hi: Boundary, counts: np.ndarray) -> N
 
 
 def _combine_fused(base, deltas, weights, consensus, normalize, lam) -> torch.Tensor:
-    """``combine_eager`` by the compiled loop, bit for bit, in parts on every core."""
-    w = torch.tensor(weights, dtype=deltas.dtype)
-    divisor = w.float().cumsum(0)[-1:].to(deltas.dtype).float().item()  # in order, like sum(dim=0)
+    """``combine_eager`` by the compiled loop, bit for bit, in parts on every core.
+    ``deltas``: the (n_models, *block) pruned deltas, or a list of the models' blocks when
+    none is pruned (their deltas are then made inside the loop, a tile at a time)."""
+    w = torch.tensor(weights, dtype=base.dtype)
+    divisor = w.float().cumsum(0)[-1:].to(base.dtype).float().item()  # in order, like sum(dim=0)
     divisor = 1.0 if consensus == "sum" or abs(divisor) < 1e-8 else divisor
     out = torch.empty_like(base)
-    b, d, o = fused.bits(base), fused.bits(deltas).reshape(len(weights), -1), fused.bits(out)
+    b, o = fused.bits(base), fused.bits(out)
     flags = (consensus == "sum", bool(normalize), np.float32(divisor), np.float32(lam))
     w = w.float().numpy()
+    if isinstance(deltas, list):
+        xs = fused.bits_list(deltas)
+        parallel.run(lambda lo, hi: fused.combine_inputs(b, xs, w, o, lo, hi, *flags), base.numel())
+        return out
+    d = fused.bits(deltas).reshape(len(weights), -1)
     parallel.run(lambda lo, hi: fused.combine(b, d, w, o, lo, hi, *flags), base.numel())
     return out
 
