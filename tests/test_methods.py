@@ -428,3 +428,14 @@ def test_compiled_gta_combine_is_mergekits_op_sequence_bit_for_bit(dtype, n_mode
             args = (base, deltas, weights, consensus, normalize, lam)
             fast, eager = _combine_fused(*args), combine_eager(*args)
             assert torch.equal(fast.view(torch.uint8), eager.view(torch.uint8)), (weights, normalize, lam)
+            # unpruned models instead of deltas: the loop makes each delta (x - base, in D)
+            models = [base + d for d in deltas]
+            made = torch.stack([m - base for m in models])
+            fast = _combine_fused(base, models, weights, consensus, normalize, lam)
+            eager = combine_eager(base, made, weights, consensus, normalize, lam)
+            assert torch.equal(fast.view(torch.uint8), eager.view(torch.uint8)), (
+                "models",
+                weights,
+                normalize,
+                lam,
+            )

@@ -346,49 +346,29 @@ def _combine_tile(wd, weights, b, o, n, elect, normalize, divisor, lam, mixed, t
         o[j] = _round(_load(b[j]) + mixed[j], b[j])
 
 
-@_loop(
-    "void({T}[::1], {T}[:, ::1], float32[::1], {T}[::1], int64, int64, boolean, boolean, float32, float32)"
-)
-def combine(base, deltas, weights, out, start, stop, elect, normalize, divisor, lam):
-    """``gta.combine_eager`` with each torch op's rounding: the weighted deltas (n_models,
-    n) summed — with ``elect`` (TIES) only those whose sign agrees with the sum's — divided
-    (when ``normalize``) by the agreeing weights' sum (a zero sum by 1), or without
-    ``elect`` by ``divisor``; times ``lam``; plus the base; over elements [start, stop).
-    Each step runs over a tile of fp32 scratch, so every loop vectorizes."""
-    n_models = deltas.shape[0]
-    wd = np.empty((n_models, TILE), np.float32)
-    mixed = np.empty(TILE, np.float32)
-    total = np.empty(TILE, np.float32)
-    div = np.empty(TILE, np.float32)
-    for lo in range(start, stop, TILE):
-        n = min(TILE, stop - lo)
-        b = base[lo : lo + n]
-        for m in range(n_models):
-            w, dm, wdm = weights[m], deltas[m, lo : lo + n], wd[m]
-            for j in range(n):
-                wdm[j] = _rounded(_load(dm[j]) * w, b[j])
-        _combine_tile(wd, weights, b, out[lo : lo + n], n, elect, normalize, divisor, lam, mixed, total, div)
-
-
-def _inputs_signatures() -> list:
-    """``combine_inputs``' signatures: as ``combine``'s, the deltas replaced by a typed list
-    of the models' bits (any count, one signature per dtype)."""
+def _combine_signatures() -> list:
+    """``combine``'s signatures for bfloat16 (uint16) and float32 (uint32) bits: the models
+    come as a typed list (any count, one signature per dtype)."""
     out = []
     for t in (numba.uint16, numba.uint32):
         a = numba.types.Array(t, 1, "C")
-        f32 = numba.float32
+        f32, b = numba.float32, numba.boolean
         out.append(
-            numba.void(a, numba.types.ListType(a), f32[::1], a, numba.int64, numba.int64, numba.boolean,
-                       numba.boolean, f32, f32)
-        )  # fmt: skip
+            numba.void(a, numba.types.ListType(a), f32[::1], a, numba.int64, numba.int64, b, b, f32, f32, b)
+        )
     return out
 
 
-@numba.njit(_inputs_signatures(), **_JIT)
-def combine_inputs(base, xs, weights, out, start, stop, elect, normalize, divisor, lam):
-    """``combine`` of the unpruned deltas ``xs[m] - base``, each rounded to D as
-    ``torch.sub`` rounds it, made a tile at a time instead of read from a deltas array:
-    task arithmetic's whole block in one pass over its inputs."""
+@numba.njit(_combine_signatures(), **_JIT)
+def combine(base, xs, weights, out, start, stop, elect, normalize, divisor, lam, are_deltas):
+    """``gta.combine_eager`` with each torch op's rounding: the weighted deltas summed —
+    with ``elect`` (TIES) only those whose sign agrees with the sum's — divided (when
+    ``normalize``) by the agreeing weights' sum (a zero sum by 1), or without ``elect`` by
+    ``divisor``; times ``lam``; plus the base; over elements [start, stop). ``xs``: the
+    models' (pruned) deltas when ``are_deltas``, else the models themselves, whose deltas
+    ``x - base`` are made here a tile at a time, rounded to D as ``torch.sub`` rounds them
+    (task arithmetic's whole block in one pass over its inputs). Each step runs over a tile
+    of fp32 scratch, so every loop vectorizes."""
     n_models = len(xs)
     wd = np.empty((n_models, TILE), np.float32)
     mixed = np.empty(TILE, np.float32)
@@ -399,8 +379,12 @@ def combine_inputs(base, xs, weights, out, start, stop, elect, normalize, diviso
         b = base[lo : lo + n]
         for m in range(n_models):
             w, x, wdm = weights[m], xs[m][lo : lo + n], wd[m]
-            for j in range(n):
-                wdm[j] = _rounded(_rounded(_load(x[j]) - _load(b[j]), b[j]) * w, b[j])
+            if are_deltas:
+                for j in range(n):
+                    wdm[j] = _rounded(_load(x[j]) * w, b[j])
+            else:
+                for j in range(n):
+                    wdm[j] = _rounded(_rounded(_load(x[j]) - _load(b[j]), b[j]) * w, b[j])
         _combine_tile(wd, weights, b, out[lo : lo + n], n, elect, normalize, divisor, lam, mixed, total, div)
 
 

@@ -428,12 +428,9 @@ def _combine_fused(base, deltas, weights, consensus, normalize, lam) -> torch.Te
     b, o = fused.bits(base), fused.bits(out)
     flags = (consensus == "sum", bool(normalize), np.float32(divisor), np.float32(lam))
     w = w.float().numpy()
-    if isinstance(deltas, list):
-        xs = fused.bits_list(deltas)
-        parallel.run(lambda lo, hi: fused.combine_inputs(b, xs, w, o, lo, hi, *flags), base.numel())
-        return out
-    d = fused.bits(deltas).reshape(len(weights), -1)
-    parallel.run(lambda lo, hi: fused.combine(b, d, w, o, lo, hi, *flags), base.numel())
+    are_deltas = not isinstance(deltas, list)
+    xs = fused.bits_list(list(deltas.reshape(len(weights), -1)) if are_deltas else deltas)
+    parallel.run(lambda lo, hi: fused.combine(b, xs, w, o, lo, hi, *flags, are_deltas), base.numel())
     return out
 
 
