@@ -4,8 +4,9 @@ Three stages overlap: a reader thread makes one of two read sets ready (each inp
 chunk mmap'ed and faulted in: the page cache's own pages, no copy; derived, unaligned and
 GPU inputs ``os.preadv``'ed into buffers allocated once), the calling thread merges the
 other set block by block into one of two write buffers, and a writer thread ``pwrite``s
-the previous buffer at its planned offset and hashes it. The buffers are exactly the plan's ``Estimate``; nothing grows with
-model size. Kernels are elementwise, so any chunk or block size gives the same bytes.
+the previous buffer at its planned offset and hashes it. The buffers are exactly the
+plan's ``Estimate``; nothing grows with model size. Kernels are elementwise, so any chunk
+or block size gives the same bytes.
 
 With ``--device cuda`` the buffers are pinned, each chunk crosses to the GPU whole and its
 result comes back whole (``_JobRun._combine_on_device``); statistics passes stay on the CPU,
@@ -377,7 +378,7 @@ def _release(buf: np.ndarray, view: np.ndarray) -> None:
     mapped chunks would come on top of it, past the budget."""
     lo = view.ctypes.data - buf.ctypes.data
     lo, hi = -(-lo // mmap.PAGESIZE) * mmap.PAGESIZE, (lo + view.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-    if hi > lo and isinstance(buf.base, memoryview) and isinstance(buf.base.obj, mmap.mmap):
+    if hi > lo:  # ``buf`` is a CPU read set: ``_buffer``'s array over its anonymous mapping
         buf.base.obj.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
@@ -492,10 +493,7 @@ class _JobRun:
             return self._combine_on_device(views, start, end, out_all)
         step, window = self._combine_step()
         if window < 2:  # blocks in order, each split across the cores by the kernel
-            for offset, xs in self._blocks(self._raw(views), start, end, step):
-                result = self._call(self.kernel.combine, xs, offset=offset)
-                out_all[offset - start : offset - start + result.numel()].copy_(result.reshape(-1))
-            return
+            return self._combine_in_order(self._raw(views), start, end, step, out_all)
         raw = self._raw(views)
 
         def combine_block(s: int) -> None:  # a whole block per core: no barrier inside a block
@@ -513,12 +511,18 @@ class _JobRun:
         parallelism: no host threads), and the result comes back whole into ``out``."""
         xs = [x.to(self.dev, non_blocking=True) for x in self._raw(views)]
         result = torch.empty(end - start, dtype=out.dtype, device=self.dev)
-        for offset, blocks in self._blocks(xs, start, end, self._device_step()):
-            r = self._call(self.kernel.combine, blocks, offset=offset)
-            result[offset - start : offset - start + r.numel()].copy_(r.reshape(-1))
+        self._combine_in_order(xs, start, end, self._device_step(), result)
         out.copy_(result, non_blocking=True)
         if self.dev.type == "cuda":  # the read set and ``out`` are handed on after this returns
             torch.cuda.current_stream(self.dev).synchronize()
+
+    def _combine_in_order(
+        self, xs: list[torch.Tensor], start: int, end: int, step: int, out: torch.Tensor
+    ) -> None:
+        """The chunk ``xs`` (elements ``start:end``) merged block by block, in order, into ``out``."""
+        for offset, blocks in self._blocks(xs, start, end, step):
+            result = self._call(self.kernel.combine, blocks, offset=offset)
+            out[offset - start : offset - start + result.numel()].copy_(result.reshape(-1))
 
     def _staged(self) -> bool:
         """Whether the combine runs on whole chunks staged on a device (not the CPU path)."""

@@ -341,12 +341,9 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
     factors = stats[-1] if preset.sparsifier is not None and l1 and stats else {}
     weights = [weight[m] for m in others]
     unweighted = preset.consensus == "sum" and sign_election == "unweighted"
-    if (
-        all(preset.sparsifier is None or not _prunes(density[m]) for m in others)
-        and fused.supports(base)
-        and fast_combine_exact(base.dtype, len(others))
-        and not unweighted
-    ):  # nothing pruned: one compiled pass, no deltas array
+    fast = fused.supports(base) and fast_combine_exact(base.dtype, len(others)) and not unweighted
+    if fast and all(preset.sparsifier is None or not _prunes(density[m]) for m in others):
+        # nothing pruned: one compiled pass, no deltas array
         return _combine_fused(base, [xs[m] for m in others], weights, preset.consensus, normalize, lam)
     deltas = base.new_empty((len(others), *base.shape))  # (n_models, *block)
     by_density = rescale and rescale_mode == "density"
@@ -374,11 +371,11 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
         parallel.run(lambda lo, hi: prune(lo, hi, part_states[lo]), base.numel())
     else:  # elementwise (keyed random masks), or whole rows for della
         parallel.run(prune, base.numel(), ctx.row if preset.sparsifier == "della_magprune" else 1)
-    if unweighted:
-        return combine_eager(base, deltas, weights, preset.consensus, normalize, lam, weighted_election=False)
-    if fused.supports(base) and fast_combine_exact(deltas.dtype, len(others)):
+    if fast:
         return _combine_fused(base, deltas, weights, preset.consensus, normalize, lam)
-    return combine_eager(base, deltas, weights, preset.consensus, normalize, lam)
+    return combine_eager(
+        base, deltas, weights, preset.consensus, normalize, lam, weighted_election=not unweighted
+    )
 
 
 def _prune_fused(x, base, out, m, ctx, stats, state, density, gamma, factor) -> None:

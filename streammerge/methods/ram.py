@@ -14,10 +14,10 @@ eager ops make a dozen passes over stacked (models, elements) temporaries): the 
 operation torch does, rounded to D where torch rounds (``ε`` compared as D holds it, the sum
 over models accumulated in float32 from +0 in model order, as torch does for up to 4 float32
 or 8 bfloat16 models; ``ramplus_tl``'s λ products in float32 as torch promotes them).
-float16, float64 and other devices run the eager ops. One exception to bit-identity: where two NaNs meet in a float32 sum, which NaN's payload
-survives is the compiler's choice (LLVM treats addition as commutative), so with float32
-inputs a result may hold another NaN there; with bfloat16 inputs every NaN is 0xFFFF and all
-bits agree.
+float16, float64 and other devices run the eager ops. One exception to bit-identity: where
+two NaNs meet in a float32 sum, which NaN's payload survives is the compiler's choice (LLVM
+treats addition as commutative), so with float32 inputs a result may hold another NaN
+there; with bfloat16 inputs every NaN is 0xFFFF and all bits agree.
 """
 
 from __future__ import annotations
