@@ -472,3 +472,9 @@ def bits_list(xs: list[torch.Tensor]) -> numba.typed.List:
     for x in xs:
         out.append(bits(x))
     return out
+
+
+# A typed list's own methods compile on its first use, as the loops above do at import: make
+# one of each kind now, so the compiler's time and memory stay out of the merge that follows.
+for _dtype in _BITS:
+    bits_list([torch.zeros(1, dtype=_dtype)])
