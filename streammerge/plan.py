@@ -433,7 +433,7 @@ def _scratch_words(j: Job) -> tuple[int, int]:
     if copies(j):
         return 0, 0
     spec = SPECS[j.method]
-    compiled = spec.compiled(j.work_dtype, j.shared_params)
+    compiled = spec.compiled(j.work_dtype, j.shared_params, len(j.inputs))
     per_input, fixed = compiled or (spec.scratch_per_input, spec.scratch_fixed)
     return per_input * len(j.inputs) + fixed, HEAP_SLACK_WORDS
 

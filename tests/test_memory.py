@@ -3,6 +3,12 @@
 Each merge runs in a fresh subprocess that reports its RSS after imports (the fixed
 overhead: interpreter, torch, numpy, numba and the compiled loops) and its peak RSS
 (``VmHWM``) after the merge.
+
+The probe faults in every file it has mapped (the libraries) before taking its baseline:
+how much of them is resident otherwise depends on what the page cache holds (the kernel
+maps cached neighbours of each page touched), which moved the baseline by 22 MiB between
+a lone run and the full suite (measured: RssFile 150 MiB after dropping the page cache,
+253 MiB with it warm) and the growth by several MiB, in CI below what the check allowed.
 """
 
 from __future__ import annotations
@@ -28,12 +34,19 @@ BUDGET = 16 << 20
 SLACK = (16 << 20) + HEAP_FIXED_NBYTES
 
 PROBE = textwrap.dedent("""
-    import json, sys
+    import ctypes, json, sys
     import psutil, torch
     import streammerge.execute as ex
     from streammerge.methods import get_kernel
     torch.ones(1 << 16).sum()  # warm torch's allocator and thread pool
     get_kernel("linear")  # the kernels and their compiled loops: part of the runtime
+    libc = ctypes.CDLL(None)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    for line in open("/proc/self/maps"):  # MADV_POPULATE_READ (Linux 5.14): fail is harmless
+        f = line.split()
+        if len(f) >= 6 and f[5].startswith("/") and "r" in f[1]:
+            lo, hi = (int(a, 16) for a in f[0].split("-"))
+            libc.madvise(lo, hi - lo, 22)
     baseline = psutil.Process().memory_info().rss
     summary = ex.merge(sys.argv[1], sys.argv[2], max_memory=int(sys.argv[3]), threads=2)
     print(json.dumps({"baseline": baseline, "peak": ex.peak_rss(),
@@ -68,8 +81,10 @@ def test_peak_rss_is_budget_plus_fixed_overhead(medium, tmp_path):
     print({k: round(v / 2**20, 1) for k, v in got.items()}, "MiB")
     assert growth <= BUDGET + SLACK, {k: v / 2**20 for k, v in got.items()}
     # The plan's estimate is what the executor really allocates (allocator slack included),
-    # plus the heap fragmentation the plan adds to the runtime.
-    assert abs(growth - got["estimate"] - HEAP_FIXED_NBYTES) <= 0.1 * got["estimate"] + (4 << 20), got
+    # plus up to HEAP_FIXED_NBYTES: the heap's fragmentation (measured here 2.8-3.7 MiB with
+    # the libraries resident) and what a merge faults in of them (none here: see above).
+    tolerance = 0.1 * got["estimate"] + (2 << 20)
+    assert got["estimate"] - tolerance <= growth <= got["estimate"] + HEAP_FIXED_NBYTES + tolerance, got
 
 
 MEMCAP = Path(__file__).resolve().parents[2] / "shared" / "tools" / "memcap.sh"

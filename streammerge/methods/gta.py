@@ -50,7 +50,7 @@ from .select import (
     magnitude_keys,
     magnitude_keys_np,
 )
-from .spec import GTA
+from .spec import FUSED_COMBINE_MODELS, GTA
 
 RESCALE_EPS = 1e-7
 
@@ -492,9 +492,9 @@ def combine_eager(base, deltas, weights, consensus, normalize, lam, weighted_ele
 
 def fast_combine_exact(dtype: torch.dtype, n_models: int) -> bool:
     """Whether ``fused.combine`` reproduces ``combine_eager``: it adds the models in order
-    into fp32, as torch's ``sum(dim=0)`` does for fp32 up to 4 models (measured on torch
-    2.13, CPU, 1-2 threads); bfloat16 is checked up to 8 models."""
-    return n_models <= (4 if dtype == torch.float32 else 8)
+    into fp32, as torch's ``sum(dim=0)`` does up to ``spec.FUSED_COMBINE_MODELS``."""
+    code = {torch.float32: "F32", torch.bfloat16: "BF16"}.get(dtype)
+    return n_models <= FUSED_COMBINE_MODELS.get(code, 0)
 
 
 for _name in GTA:

@@ -51,7 +51,8 @@ class MethodSpec:
     scratch_fixed: int = 2
     # By working dtype and shared parameters: the (per input, fixed) words when the combine
     # runs compiled loops (``fused``), which make few block-sized temporaries; None: eager.
-    compiled: Callable[[str, dict], tuple[int, int] | None] = lambda work_dtype, shared: None
+    # Called with the working dtype, the shared parameters and the number of inputs.
+    compiled: Callable[[str, dict, int], tuple[int, int] | None] = lambda work_dtype, shared, n_inputs: None
     # Statistics passes over the whole tensor before the combine pass, by working dtype
     # and shared parameters (e.g. an exact magnitude threshold needs 1 pass for 16-bit
     # deltas, 2 for fp32). Passes see fixed blocks of ``stat_block`` elements aligned to
@@ -97,6 +98,12 @@ GTA: dict[str, GTAPreset] = {
 }  # fmt: skip
 
 
+# Fine-tunes the compiled gta combine adds into fp32 in the order torch's ``sum(dim=0)``
+# does, by working dtype (measured on torch 2.13, CPU, 1-2 threads; bfloat16 checked up to
+# 8): beyond them gta runs torch's eager sum.
+FUSED_COMBINE_MODELS = {"F32": 4, "BF16": 8}
+
+
 def _gta_passes(preset: GTAPreset) -> Callable[[str, dict], int]:
     def passes(work_dtype: str, shared: dict) -> int:
         n = 0
@@ -113,21 +120,26 @@ def _gta_passes(preset: GTAPreset) -> Callable[[str, dict], int]:
     return passes
 
 
-def _gta_compiled(preset: GTAPreset) -> Callable[[str, dict], tuple[int, int] | None]:
-    """gta's compiled loops run for bfloat16 and float32 unless della's per-row ranks or a
-    paper-faithful option asks for the eager ops: a work-dtype copy of each input and its
+def _gta_compiled(preset: GTAPreset) -> Callable[[str, dict, int], tuple[int, int] | None]:
+    """gta's compiled loops run for bfloat16 and float32 unless della's per-row ranks, a
+    paper-faithful option or more fine-tunes than the compiled combine adds in torch's order
+    (``FUSED_COMBINE_MODELS``) ask for the eager ops: a work-dtype copy of each input and its
     pruned delta, and the output (``gta.gta``); random pruning (dare) measures as one word
-    per input (its pruned deltas are written in D, where bfloat16 is half a word)."""
+    per input (its pruned deltas are written in D, where bfloat16 is half a word), and
+    task_arithmetic, which prunes nothing, combines the inputs themselves (no deltas)."""
 
-    def compiled(work_dtype: str, shared: dict) -> tuple[int, int] | None:
+    def compiled(work_dtype: str, shared: dict, n_inputs: int) -> tuple[int, int] | None:
         eager = (
             preset.sparsifier == "della_magprune"
             or shared.get("rescale_mode") == "density"
             or shared.get("sign_election") == "unweighted"
+            or n_inputs - 1 > FUSED_COMBINE_MODELS.get(work_dtype, 0)
         )
         if eager or work_dtype not in ("BF16", "F32"):
             return None
-        return (1, 1) if preset.sparsifier == "random" and work_dtype == "BF16" else (2, 1)
+        if preset.sparsifier is None or (preset.sparsifier == "random" and work_dtype == "BF16"):
+            return (1, 1)
+        return (2, 1)
 
     return compiled
 
@@ -176,7 +188,7 @@ def _nuslerp_stats(shared: dict) -> bool:
     return shared.get("nuslerp_flatten", True) or shared.get("nuslerp_row_wise", False)
 
 
-def _nuslerp_compiled(work_dtype: str, shared: dict) -> tuple[int, int] | None:
+def _nuslerp_compiled(work_dtype: str, shared: dict, n_inputs: int) -> tuple[int, int] | None:
     """nuslerp's compiled loops run the statistics modes for bfloat16 and float32: a
     work-dtype copy of each input (none when it is already in D) and the output."""
     return (1, 1) if _nuslerp_stats(shared) and work_dtype in ("BF16", "F32") else None
@@ -192,11 +204,11 @@ def _sce_passes(work_dtype: str, shared: dict) -> int:
     return (_select_passes(work_dtype) if select else 0) + 1  # + the mean squares
 
 
-def _on_bf16_f32(per_input: int, fixed: int) -> Callable[[str, dict], tuple[int, int] | None]:
+def _on_bf16_f32(per_input: int, fixed: int) -> Callable[[str, dict, int], tuple[int, int] | None]:
     """``compiled`` for a method whose loops run for bfloat16 and float32 whatever its
     parameters: ``per_input`` words per input (a work-dtype copy of each, when it converts)
     and ``fixed`` more (the output, and the method's own scratch)."""
-    return lambda work_dtype, shared: (per_input, fixed) if work_dtype in ("BF16", "F32") else None
+    return lambda work_dtype, shared, n_inputs: (per_input, fixed) if work_dtype in ("BF16", "F32") else None
 
 
 SPECS: dict[str, MethodSpec] = {
@@ -304,7 +316,7 @@ SPECS: dict[str, MethodSpec] = {
             scratch_per_input=2,
             scratch_fixed=4,
             # compiled: a work-dtype copy of each input (when it converts) and the output
-            compiled=lambda work_dtype, shared: (
+            compiled=lambda work_dtype, shared, n_inputs: (
                 None if shared.get("filter_wise") or work_dtype not in ("BF16", "F32") else (1, 1)
             ),
             passes=lambda work_dtype, shared: 0 if shared.get("filter_wise") else 1,
