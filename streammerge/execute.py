@@ -3,7 +3,8 @@
 Three stages overlap: a reader thread makes one of two read sets ready (each input's
 chunk mmap'ed and faulted in: the page cache's own pages, no copy; derived, unaligned and
 GPU inputs ``os.preadv``'ed into buffers allocated once), the calling thread merges the
-other set block by block into one of two write buffers, and a writer thread ``pwrite``s
+other set block by block into one of two write buffers (straight from the read bytes where
+the kernel has a ``direct`` path, else converting each block to D and the result back), and a writer thread ``pwrite``s
 the previous buffer at its planned offset and hashes it. The buffers are exactly the
 plan's ``Estimate``; nothing grows with model size. Kernels are elementwise, so any chunk
 or block size gives the same bytes.
@@ -421,6 +422,8 @@ class _JobRun:
             self.scale = job.input_params[0].get("scale", 1.0)
             return
         self.kernel = get_kernel(job.method)
+        # straight from the read bytes into the output where the kernel can (CPU only)
+        self.direct = self.kernel.direct if dev.type == "cpu" else None
         self.params = _kernel_args(job)
         self.work = TORCH_DTYPES[job.work_dtype]
         self.stats: list = []
@@ -497,13 +500,20 @@ class _JobRun:
         raw = self._raw(views)
 
         def combine_block(s: int) -> None:  # a whole block per core: no barrier inside a block
-            result = self._call(
-                self.kernel.combine, self._block(raw, s, min(end - start, s + step)), offset=start + s
-            )
-            out_all[s : s + result.numel()].copy_(result.reshape(-1))
+            self._merge_block(raw, s, min(end - start, s + step), start, out_all)
 
         for _ in parallel.map_ordered(combine_block, range(0, end - start, step), window):
             pass
+
+    def _merge_block(self, raw: list[torch.Tensor], s: int, e: int, start: int, out: torch.Tensor) -> None:
+        """Elements ``s:e`` of the chunk ``raw`` (inputs as stored; the chunk starts at element
+        ``start`` of the tensor) merged into the same elements of ``out``."""
+        if self.direct is not None and self._call(
+            self.direct, [x[s:e] for x in raw], out[s:e], offset=start + s
+        ):
+            return
+        result = self._call(self.kernel.combine, self._block(raw, s, e), offset=start + s)
+        out[s : s + result.numel()].copy_(result.reshape(-1))
 
     def _combine_on_device(self, views: list[np.ndarray], start: int, end: int, out: torch.Tensor) -> None:
         """The chunk crosses to the device whole, one copy per input (asynchronous from the
@@ -520,9 +530,8 @@ class _JobRun:
         self, xs: list[torch.Tensor], start: int, end: int, step: int, out: torch.Tensor
     ) -> None:
         """The chunk ``xs`` (elements ``start:end``) merged block by block, in order, into ``out``."""
-        for offset, blocks in self._blocks(xs, start, end, step):
-            result = self._call(self.kernel.combine, blocks, offset=offset)
-            out[offset - start : offset - start + result.numel()].copy_(result.reshape(-1))
+        for s in range(0, end - start, step):
+            self._merge_block(xs, s, min(end - start, s + step), start, out)
 
     def _staged(self) -> bool:
         """Whether the combine runs on whole chunks staged on a device (not the CPU path)."""
@@ -556,12 +565,16 @@ def merge_tensors(
     seed: int = 0,
     chunk_elems: int | None = None,
     block_elems: int = BLOCK_ELEMS,
+    dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
     **params,
 ) -> torch.Tensor:
     """Merge in-memory CPU tensors (same shape and dtype) exactly as a streamed merge would,
     through the same chunk/pass/block machinery, e.g. ``merge_tensors("ties", [a, b, base],
     base_index=2, weight=[1, 1, None], density=[0.5, 0.5, None])``. Per-model parameters
-    are lists (one value per input, None for the base), shared ones plain values.
+    are lists (one value per input, None for the base), shared ones plain values. ``dtype``
+    and ``out_dtype`` are the config keys (the math's dtype D, the result's; both default to
+    the inputs' dtype).
     """
     from dataclasses import replace
 
@@ -569,7 +582,12 @@ def merge_tensors(
     from .plan import _streaming
 
     spec = SPECS[method]
-    code = next(c for c, d in TORCH_DTYPES.items() if d == xs[0].dtype)
+
+    def code_of(dt: torch.dtype) -> str:
+        return next(c for c, d in TORCH_DTYPES.items() if d == dt)
+
+    code = code_of(xs[0].dtype)
+    work, out_code = code_of(dtype or xs[0].dtype), code_of(out_dtype or dtype or xs[0].dtype)
     shape = tuple(xs[0].shape)
     input_params = tuple(
         {
@@ -581,14 +599,15 @@ def merge_tensors(
     )
     shared = {p.name: params.get(p.name, p.default) for p in spec.params if p.scope is Scope.SHARED}
     refs = tuple(TensorRef("<memory>", 0, code, shape) for _ in xs)
-    job = Job(name, method, refs, base_index, input_params, shared, code, code, shape, 0, 0)
+    job = Job(name, method, refs, base_index, input_params, shared, work, out_code, shape, 0, 0)
     n = job.numel
     job = _streaming(job, max(n, 1), block_elems, 0)
     if chunk_elems:  # a caller-chosen chunk must still hold whole statistics blocks
         unit = max(job.stat_block_elems, job.block_elems)
         job = replace(job, chunk_elems=max(unit, chunk_elems // unit * unit))
     raw = [x.contiguous().reshape(-1).view(torch.uint8).numpy() for x in xs]
-    out = np.empty(n * xs[0].element_size(), np.uint8)
+    out_item = ITEMSIZE[out_code]
+    out = np.empty(n * out_item, np.uint8)
     run = _JobRun(job, seed, torch.device("cpu"))
     item = xs[0].element_size()
     for _, phase, start, end in _schedule_job(job):
@@ -599,8 +618,8 @@ def merge_tensors(
         if phase == ALL:
             for i in range(job.passes):
                 run.fold(i, views, start, end)
-        run.combine(views, start, out[start * item : end * item])
-    return torch.from_numpy(out).view(xs[0].dtype).reshape(shape)
+        run.combine(views, start, out[start * out_item : end * out_item])
+    return torch.from_numpy(out).view(TORCH_DTYPES[out_code]).reshape(shape)
 
 
 @functools.cache

@@ -399,11 +399,21 @@ def compute_block(jobs, budget: int, workers: int = 1) -> int:
     """Elements per compute block: halved from BLOCK_ELEMS until ``workers`` blocks'
     scratch fits a quarter of the budget (a floor of MIN_BLOCK_ELEMS). Copies count one
     word: their chunks hold whole blocks, so a block must fit the budget too."""
-    words = max((max(1, sum(_scratch_words(j))) for j in jobs), default=0)
+    words = max((_block_words(j) for j in jobs), default=0)
     block = BLOCK_ELEMS
     while block > MIN_BLOCK_ELEMS and workers * block * 4 * words > budget // 4:
         block //= 2
     return block
+
+
+def _block_words(j: Job) -> int:
+    """Words per block element that size the blocks: the scratch, or for a job merged straight
+    from the read sets (none) the bytes of its two read sets and write buffers, since its
+    chunks must hold whole blocks."""
+    words = sum(_scratch_words(j))
+    if words == 0 and not copies(j):
+        return -(-(2 * sum(ITEMSIZE[t.dtype] for t in j.inputs) + 2 * ITEMSIZE[j.out_dtype]) // 4)
+    return max(1, words)
 
 
 def compute_scratch(j: Job, block: int) -> int:
@@ -433,6 +443,12 @@ def _scratch_words(j: Job) -> tuple[int, int]:
     if copies(j):
         return 0, 0
     spec = SPECS[j.method]
+    stored = {t.dtype for t in j.inputs}
+    one = stored.pop() if len(stored) == 1 else None
+    if not spec.passes(j.work_dtype, j.shared_params) and spec.direct(
+        one, j.work_dtype, j.out_dtype, j.shared_params, j.input_params
+    ):
+        return 0, 0  # straight from the read sets into the write buffer (statistics would need scratch)
     compiled = spec.compiled(j.work_dtype, j.shared_params, len(j.inputs))
     per_input, fixed = compiled or (spec.scratch_per_input, spec.scratch_fixed)
     return per_input * len(j.inputs) + fixed, HEAP_SLACK_WORDS

@@ -54,15 +54,24 @@ def _digests(out: Path) -> dict:
     return json.loads((out / "streammerge.json").read_text())["tensors"]
 
 
+def _streaming_budget(path: Path) -> int:
+    """A budget that streams the embedding (2M elements) in several chunks yet holds whole
+    statistics blocks: slerp's are 1M elements; the task-arithmetic family's, sce's and
+    arcee_fusion's 256K (task_arithmetic has none, and no scratch: it merges straight from
+    the read bytes, so 32 MiB would hold the whole embedding)."""
+    method = yaml.safe_load(path.read_text())["merge_method"]
+    large_stats = method in streammerge.methods.GTA or method in ("sce", "arcee_fusion")
+    if method == "slerp":
+        return 72 << 20
+    return 32 << 20 if large_stats and method != "task_arithmetic" else 12 << 20
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_method_is_identical_across_threads_and_budgets(path, small_root, tmp_path):
     """A small budget streams the embedding (2M elements) in several chunks and reads it
     once per statistics pass; 2 GiB holds every tensor whole. The bytes must not change."""
     cfg = _on(path, small_root, tmp_path)
-    # statistics blocks: slerp's are 1M elements, the task-arithmetic family's, sce's and arcee_fusion's 256K
-    method = yaml.safe_load(path.read_text())["merge_method"]
-    large_stats = method in streammerge.methods.GTA or method in ("sce", "arcee_fusion")
-    small = 72 << 20 if method == "slerp" else 32 << 20 if large_stats else 12 << 20
+    small = _streaming_budget(path)
     runs = {}
     for label, budget, threads in [
         ("stream-1t", small, 1),
@@ -89,9 +98,7 @@ def test_the_device_path_gives_the_cpu_bytes(path, small_root, tmp_path, monkeyp
     from streammerge import execute
 
     cfg = _on(path, small_root, tmp_path)
-    method = yaml.safe_load(path.read_text())["merge_method"]
-    large_stats = method in streammerge.methods.GTA or method in ("sce", "arcee_fusion")
-    budget = 72 << 20 if method == "slerp" else 32 << 20 if large_stats else 12 << 20
+    budget = _streaming_budget(path)
     streammerge.merge(cfg, tmp_path / "cpu", max_memory=budget, seed=5)
     monkeypatch.setattr(execute._JobRun, "_staged", lambda self: True)
     monkeypatch.setattr(execute, "DEVICE_BLOCK_ELEMS", 1 << 18)

@@ -16,6 +16,12 @@ are grouped into runs (integer counts, or per-block terms summed in ``finish``).
 blocks are independent, so they run one per thread at once, unless the kernel registers
 as ``ordered`` (its combine keeps ``state`` from block to block).
 
+Straight from the read bytes: a kernel may also give ``direct(xs, out, ...) -> bool``,
+which merges a block of the inputs as stored (their own dtypes) into ``out`` (the output
+dtype) when it can give exactly the bits of converting to D, combining and converting
+the result; it returns False, having written nothing, when it cannot, and the executor
+does just that. (CPU only: it saves a conversion of every input and a copy of the result.)
+
 ``get_kernel(name)`` imports the kernel modules on first use, so planning never pays
 for torch.
 """
@@ -65,6 +71,7 @@ class Kernel:
     finish: Callable | None = None
     reduce: Callable | None = None
     ordered: bool = False  # combine sees a tensor's blocks in order (it keeps ``state``)
+    direct: Callable | None = None
 
 
 def register(
@@ -74,12 +81,13 @@ def register(
     finish: Callable | None = None,
     reduce: Callable | None = None,
     ordered: bool = False,
+    direct: Callable | None = None,
 ):
     """Decorator: make ``fn`` the combine kernel of method ``name`` (which needs a spec)."""
 
     def deco(fn: Callable) -> Callable:
         assert name in SPECS, f"kernel {name} has no MethodSpec"
-        _KERNELS[name] = Kernel(fn, fold, finish, reduce, ordered)
+        _KERNELS[name] = Kernel(fn, fold, finish, reduce, ordered, direct)
         return fn
 
     return deco

@@ -10,6 +10,9 @@ even for bfloat16; none for float32), so the results are bit-identical to the ea
 
 bfloat16 and float32 only: numba has no float16 on CPU, so float16 stays on numpy.
 Arrays arrive as integer views (uint16 for bfloat16, uint32 for float32): bits in, bits out.
+A loop that takes any number of models gets their data addresses (``addresses``): one
+int64 array, made in a microsecond, where numba's typed list took ~40 us per call and held
+the compiler's lock, so two threads building one queued on each other.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import torch
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
+
+from .spec import direct_dtypes
 
 _JIT = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
 _INLINE = {"inline": "always"}
@@ -53,6 +58,25 @@ def _bits(typingctx, x):
         return builder.bitcast(args[0], ir.IntType(32))
 
     return sig, codegen
+
+
+@intrinsic
+def _pointer(typingctx, address, like):
+    """The int64 ``address`` as a pointer to elements of ``like``'s kind (an array or a scalar)."""
+    element = like.dtype if isinstance(like, types.Array) else like
+    sig = types.CPointer(element)(address, like)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+@numba.njit(inline="always", **_JIT)
+def _model(models, m, size, like):
+    """Model ``m`` of ``models`` (``addresses``' array) as a ``size``-element array of
+    ``like``'s kind."""
+    return numba.carray(_pointer(models[m], like), size)
 
 
 @intrinsic
@@ -303,8 +327,9 @@ def count_ties(x, base, lo_key, hi_key, seen):
 
 
 @numba.njit(inline="always", **_JIT)
-def _combine_tile(wd, weights, b, o, n, elect, normalize, divisor, lam, mixed, total, div):
-    """One tile of ``combine`` from its weighted deltas ``wd[m, :n]`` (fp32 values of D)."""
+def _combine_tile(wd, weights, b, o, n, elect, normalize, divisor, lam, mixed, total, div, d):
+    """One tile of ``combine`` from its weighted deltas ``wd[m, :n]`` (fp32 values of D, whose
+    bits are ``d``'s kind)."""
     n_models = wd.shape[0]
     for j in range(n):  # torch's sum starts from +0 (so -0 deltas sum to +0)
         mixed[j] = np.float32(0)
@@ -325,7 +350,7 @@ def _combine_tile(wd, weights, b, o, n, elect, normalize, divisor, lam, mixed, t
                 mixed[j] += x * agree
                 div[j] += agree * w
         for j in range(n):
-            dv = _rounded(div[j], b[j])
+            dv = _rounded(div[j], d)
             div[j] = dv + np.float32(dv == 0)
     else:
         for m in range(n_models):
@@ -335,41 +360,47 @@ def _combine_tile(wd, weights, b, o, n, elect, normalize, divisor, lam, mixed, t
         for j in range(n):
             div[j] = divisor
     for j in range(n):
-        mixed[j] = _rounded(mixed[j], b[j])
+        mixed[j] = _rounded(mixed[j], d)
     if normalize:
         for j in range(n):
-            mixed[j] = _rounded(mixed[j] / div[j], b[j])
+            mixed[j] = _rounded(mixed[j] / div[j], d)
     if lam != 1:
         for j in range(n):
-            mixed[j] = _rounded(mixed[j] * lam, b[j])
-    for j in range(n):
-        o[j] = _round(_load(b[j]) + mixed[j], b[j])
+            mixed[j] = _rounded(mixed[j] * lam, d)
+    for j in range(n):  # the sum in D, then (when the output is stored narrower) to the output
+        o[j] = _round(_rounded(_load(b[j]) + mixed[j], d), o[j])
+
+
+# (stored, working dtype D) bits of ``combine``: bfloat16 in bfloat16, float32 in float32, and
+# bfloat16 inputs merged in float32 (task arithmetic straight from the read bytes)
+STORED_IN = ((numba.uint16, numba.uint16), (numba.uint32, numba.uint32), (numba.uint16, numba.uint32))
 
 
 def _combine_signatures() -> list:
-    """``combine``'s signatures for bfloat16 (uint16) and float32 (uint32) bits: the models
-    come as a typed list (any count, one signature per dtype)."""
-    out = []
-    for t in (numba.uint16, numba.uint32):
-        a = numba.types.Array(t, 1, "C")
-        f32, b = numba.float32, numba.boolean
-        out.append(
-            numba.void(a, numba.types.ListType(a), f32[::1], a, numba.int64, numba.int64, b, b, f32, f32, b)
-        )
-    return out
+    """``combine``'s signatures: base and output stored as bfloat16 (uint16) or float32
+    (uint32) bits, the models as ``addresses`` (any count), D's kind as a scalar of its bits."""
+    f32, b = numba.float32, numba.boolean
+    return [
+        numba.void(numba.types.Array(t, 1, "C"), numba.int64[::1], f32[::1], numba.types.Array(t, 1, "C"),
+                   numba.int64, numba.int64, b, b, f32, f32, b, d)
+        for t, d in STORED_IN
+    ]  # fmt: skip
 
 
 @numba.njit(_combine_signatures(), **_JIT)
-def combine(base, xs, weights, out, start, stop, elect, normalize, divisor, lam, are_deltas):
+def combine(base, xs, weights, out, start, stop, elect, normalize, divisor, lam, are_deltas, d):
     """``gta.combine_eager`` with each torch op's rounding: the weighted deltas summed —
     with ``elect`` (TIES) only those whose sign agrees with the sum's — divided (when
     ``normalize``) by the agreeing weights' sum (a zero sum by 1), or without ``elect`` by
     ``divisor``; times ``lam``; plus the base; over elements [start, stop). ``xs``: the
     models' (pruned) deltas when ``are_deltas``, else the models themselves, whose deltas
     ``x - base`` are made here a tile at a time, rounded to D as ``torch.sub`` rounds them
-    (task arithmetic's whole block in one pass over its inputs). Each step runs over a tile
-    of fp32 scratch, so every loop vectorizes."""
-    n_models = len(xs)
+    (task arithmetic's whole block in one pass over its inputs). The math is done in D (the
+    kind of the scalar ``d``); base, models and output may be stored as bfloat16 with D
+    float32 (each element widened exactly on load, the result rounded to bfloat16 as
+    torch's conversion does). Each step runs over a tile of fp32 scratch, so every loop
+    vectorizes."""
+    n_models = xs.size
     wd = np.empty((n_models, TILE), np.float32)
     mixed = np.empty(TILE, np.float32)
     total = np.empty(TILE, np.float32)
@@ -378,14 +409,16 @@ def combine(base, xs, weights, out, start, stop, elect, normalize, divisor, lam,
         n = min(TILE, stop - lo)
         b = base[lo : lo + n]
         for m in range(n_models):
-            w, x, wdm = weights[m], xs[m][lo : lo + n], wd[m]
+            w, x, wdm = weights[m], _model(xs, m, base.size, base)[lo : lo + n], wd[m]
             if are_deltas:
                 for j in range(n):
-                    wdm[j] = _rounded(_load(x[j]) * w, b[j])
+                    wdm[j] = _rounded(_load(x[j]) * w, d)
             else:
                 for j in range(n):
-                    wdm[j] = _rounded(_rounded(_load(x[j]) - _load(b[j]), b[j]) * w, b[j])
-        _combine_tile(wd, weights, b, out[lo : lo + n], n, elect, normalize, divisor, lam, mixed, total, div)
+                    wdm[j] = _rounded(_rounded(_load(x[j]) - _load(b[j]), d) * w, d)
+        _combine_tile(
+            wd, weights, b, out[lo : lo + n], n, elect, normalize, divisor, lam, mixed, total, div, d
+        )
 
 
 @_loop("void({T}[:, ::1], {T}[::1])")
@@ -466,15 +499,19 @@ def bits(x: torch.Tensor) -> np.ndarray:
     return x.contiguous().view(_BITS[x.dtype]).reshape(-1).numpy()
 
 
-def bits_list(xs: list[torch.Tensor]) -> numba.typed.List:
-    """``bits`` of each tensor, as the typed list a loop taking any number of inputs wants."""
-    out = numba.typed.List()
-    for x in xs:
-        out.append(bits(x))
-    return out
+def direct_ok(xs: list[torch.Tensor], out: torch.Tensor, work: torch.dtype) -> bool:
+    """Whether a loop can merge ``xs`` as stored straight into ``out``: all stored as
+    ``out`` is, as bfloat16 or float32, with D that dtype or float32 over bfloat16 (each
+    element widened exactly on load)."""
+    code = {torch.bfloat16: "BF16", torch.float32: "F32"}
+    stored = out.dtype if all(x.dtype == out.dtype for x in xs) else None
+    same_device = supports(out) and all(supports(x) for x in xs)
+    return same_device and direct_dtypes(code.get(stored), code.get(work, ""), code[out.dtype])
 
 
-# A typed list's own methods compile on its first use, as the loops above do at import: make
-# one of each kind now, so the compiler's time and memory stay out of the merge that follows.
-for _dtype in _BITS:
-    bits_list([torch.zeros(1, dtype=_dtype)])
+def addresses(xs: list[torch.Tensor]) -> np.ndarray:
+    """The data addresses of contiguous CPU tensors, as a loop taking any number of models
+    wants them. The caller keeps the tensors alive while the loop runs."""
+    if not all(x.is_contiguous() and x.device.type == "cpu" for x in xs):
+        raise ValueError("addresses: every tensor must be a contiguous CPU tensor")
+    return np.array([x.data_ptr() for x in xs], np.int64)

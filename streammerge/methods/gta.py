@@ -414,21 +414,47 @@ def _store_seen(seen: dict, lo: Boundary, hi: Boundary, counts: np.ndarray) -> N
     seen[hi.key] = int(counts[1])
 
 
-def _combine_fused(base, deltas, weights, consensus, normalize, lam) -> torch.Tensor:
+def _combine_fused(base, deltas, weights, consensus, normalize, lam, out=None, work=None) -> torch.Tensor:
     """``combine_eager`` by the compiled loop, bit for bit, in parts on every core.
     ``deltas``: the (n_models, *block) pruned deltas, or a list of the models' blocks when
-    none is pruned (their deltas are then made inside the loop, a tile at a time)."""
-    w = torch.tensor(weights, dtype=base.dtype)
-    divisor = w.float().cumsum(0)[-1:].to(base.dtype).float().item()  # in order, like sum(dim=0)
+    none is pruned (their deltas are then made inside the loop, a tile at a time). The math
+    is done in ``work`` (D; the base's dtype by default), the result written into ``out``
+    (``gta_direct``: the output dtype) or a new tensor in D."""
+    work = base.dtype if work is None else work
+    w = torch.tensor(weights, dtype=work)
+    divisor = w.float().cumsum(0)[-1:].to(work).float().item()  # in order, like sum(dim=0)
     divisor = 1.0 if consensus == "sum" or abs(divisor) < 1e-8 else divisor
-    out = torch.empty_like(base)
+    out = torch.empty_like(base) if out is None else out
     b, o = fused.bits(base), fused.bits(out)
     flags = (consensus == "sum", bool(normalize), np.float32(divisor), np.float32(lam))
     w = w.float().numpy()
     are_deltas = not isinstance(deltas, list)
-    xs = fused.bits_list(list(deltas.reshape(len(weights), -1)) if are_deltas else deltas)
-    parallel.run(lambda lo, hi: fused.combine(b, xs, w, o, lo, hi, *flags, are_deltas), base.numel())
+    xs = fused.addresses(list(deltas.reshape(len(weights), -1)) if are_deltas else deltas)
+    d = fused.KEY[work](0)  # D's kind, for the loop's roundings
+    parallel.run(lambda lo, hi: fused.combine(b, xs, w, o, lo, hi, *flags, are_deltas, d), base.numel())
     return out
+
+
+def gta_direct(xs, out, *, ctx, base_index, weight, normalize, density=None, sign_election="weighted",
+               **shared) -> bool:  # fmt: skip
+    """``gta`` of a block whose fine-tunes are not pruned (task_arithmetic; ties or dare at
+    density 1), from the inputs as stored into ``out`` (the output dtype): one compiled pass,
+    no conversion to D and no copy after. False (nothing written) where ``gta`` must run."""
+    others = _others(xs, base_index)
+    preset = GTA[ctx.method]
+    pruned = preset.sparsifier is not None and any(_prunes(density[m]) for m in others)
+    unweighted = preset.consensus == "sum" and sign_election == "unweighted"
+    work = ctx.work_dtype
+    if pruned or unweighted or not others or not fused.direct_ok(xs, out, work):
+        return False
+    if not fast_combine_exact(work, len(others)):
+        return False
+    lam = shared.get("lambda", 1.0)
+    weights = [weight[m] for m in others]
+    _combine_fused(
+        xs[base_index], [xs[m] for m in others], weights, preset.consensus, normalize, lam, out, work
+    )
+    return True
 
 
 def _tie_offsets(xs, base, others, density, stats, ctx, state) -> dict[int, dict]:
@@ -499,4 +525,6 @@ def fast_combine_exact(dtype: torch.dtype, n_models: int) -> bool:
 
 for _name in GTA:
     magnitude = GTA[_name].sparsifier in ("magnitude", "magnitude_outliers")  # ties counted in order
-    register(_name, fold=gta_fold, finish=gta_finish, reduce=gta_reduce, ordered=magnitude)(gta)
+    register(
+        _name, fold=gta_fold, finish=gta_finish, reduce=gta_reduce, ordered=magnitude, direct=gta_direct
+    )(gta)

@@ -10,6 +10,9 @@ Like mergekit, a zero weight sum with ``normalize`` gives inf/NaN; the planner r
 For bfloat16 and float32 on the CPU a compiled loop does the whole sequence a tile at a
 time (the eager ops make five passes over block-sized fp32 temporaries), each step the
 same float32 operation torch does; float16, float64 and other devices run the eager ops.
+The loop also runs straight from the read bytes into the output (``linear_direct``): the
+result is rounded once, from the fp32 accumulator to the output dtype, whether D is
+bfloat16 or float32, so bfloat16 inputs need no conversion to D and no copy after.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 
 from . import register
-from .fused import _JIT, TILE, _f32, _fma, _load, _round, bits, bits_list, supports
+from .fused import _JIT, TILE, _f32, _fma, _load, _model, _round, addresses, bits, direct_ok, supports
 
 
 def _eager(xs: list[torch.Tensor], weight: list[float], normalize: bool) -> torch.Tensor:
@@ -34,12 +37,12 @@ def _eager(xs: list[torch.Tensor], weight: list[float], normalize: bool) -> torc
 
 
 def _signatures() -> list:
-    """(list of input bits, float32 weights, output bits, divisor bits) for bfloat16 (uint16)
-    and float32 (uint32) bits; the inputs come as a typed list (any count, one signature)."""
+    """(the inputs' ``addresses``, float32 weights, output bits, divisor bits) for bfloat16
+    (uint16) and float32 (uint32) bits: the inputs are stored as the output is."""
     out = []
     for t in (numba.uint16, numba.uint32):
         array = numba.types.Array(t, 1, "C")
-        out.append(numba.void(numba.types.ListType(array), numba.float32[::1], array, numba.uint32))
+        out.append(numba.void(numba.int64[::1], numba.float32[::1], array, numba.uint32))
     return out
 
 
@@ -54,8 +57,8 @@ def _linear(xs, weights, out, divisor_bits):
         n = min(TILE, out.size - lo)
         for j in range(n):
             acc[j] = np.float32(0)
-        for m in range(len(xs)):
-            x, c = xs[m][lo : lo + n], weights[m]
+        for m in range(xs.size):
+            x, c = _model(xs, m, out.size, out)[lo : lo + n], weights[m]
             for j in range(n):
                 acc[j] = _fma(_load(x[j]), c, acc[j])
         o = out[lo : lo + n]
@@ -67,7 +70,24 @@ def _linear(xs, weights, out, divisor_bits):
                 o[j] = _round(acc[j], o[j])
 
 
-@register("linear")
+def linear_direct(xs, out, *, ctx, base_index=None, weight, normalize=True) -> bool:
+    """``linear`` of the inputs as stored into ``out`` (the output dtype); False (nothing
+    written) where the loop cannot give the same bits as converting to D first."""
+    return direct_ok(xs, out, ctx.work_dtype) and _compiled(xs, out, weight, normalize)
+
+
+def _compiled(xs, out, weight, normalize) -> bool:
+    """Run the loop into ``out``; False where the eager ops must (a zero weight sum)."""
+    coefficients = torch.tensor(weight, dtype=torch.float32)
+    divisor = coefficients.sum() if normalize else torch.zeros(())
+    if normalize and divisor.item() == 0:  # x / +0 is not "no division": keep torch's inf/NaN
+        return False
+    bits_of_divisor = np.uint32(divisor.view(torch.int32).item() & 0xFFFFFFFF)
+    _linear(addresses(xs), coefficients.numpy(), bits(out), bits_of_divisor)
+    return True
+
+
+@register("linear", direct=linear_direct)
 def linear(
     xs: list[torch.Tensor],
     *,
@@ -76,17 +96,8 @@ def linear(
     normalize: bool = True,
 ) -> torch.Tensor:
     """xs: the inputs (same shape, dtype D); weight: one per input. Returns dtype D."""
-    if not all(supports(x) and x.dtype == xs[0].dtype for x in xs):
-        return _eager(xs, weight, normalize)
-    coefficients = torch.tensor(weight, dtype=torch.float32)
-    divisor = coefficients.sum() if normalize else torch.zeros(())
-    if normalize and divisor.item() == 0:  # x / +0 is not "no division": keep torch's inf/NaN
-        return _eager(xs, weight, normalize)
-    out = torch.empty_like(xs[0])
-    _linear(
-        bits_list(xs),
-        coefficients.numpy(),
-        bits(out),
-        np.uint32(divisor.view(torch.int32).item() & 0xFFFFFFFF),
-    )
-    return out
+    if all(supports(x) and x.dtype == xs[0].dtype for x in xs):
+        out = torch.empty_like(xs[0])
+        if _compiled(xs, out, weight, normalize):
+            return out
+    return _eager(xs, weight, normalize)

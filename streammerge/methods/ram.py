@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import register
-from .fused import _JIT, TILE, _f32, _load, _round, _rounded, bits, bits_list, supports
+from .fused import _JIT, KEY, TILE, _f32, _load, _model, _round, _rounded, addresses, bits, supports
 from .gta import fast_combine_exact
 
 
@@ -44,32 +44,31 @@ def _prepare(xs, base_index, epsilon):
 
 
 def _signatures(result: str) -> list:
-    """(typed list of the inputs' bits, base index, ε bits, λ, output) for bfloat16 (uint16)
-    and float32 (uint32) bits; ``result`` "same": the output has the inputs' dtype, "f32": float32."""
+    """(the inputs' ``addresses``, their kind: a scalar of their bits, base index, ε bits, λ,
+    output) for bfloat16 (uint16) and float32 (uint32) bits; ``result`` "same": the output
+    has the inputs' dtype, "f32": float32."""
     out = []
     for t in (numba.uint16, numba.uint32):
-        array = numba.types.Array(t, 1, "C")
-        res = array if result == "same" else numba.float32[::1]
-        out.append(
-            numba.void(numba.types.ListType(array), numba.int64, numba.uint32, numba.float32[::1], res)
-        )
+        res = numba.types.Array(t, 1, "C") if result == "same" else numba.float32[::1]
+        out.append(numba.void(numba.int64[::1], t, numba.int64, numba.uint32, numba.float32[::1], res))
     return out
 
 
 @numba.njit(inline="always", **_JIT)
-def _changes(xs, base_index, lo, n, eps, tv, count):
+def _changes(xs, size, kind, base_index, lo, n, eps, tv, count):
     """For elements ``lo:lo+n``: ``tv[m, j]`` = model m's task vector (rounded to D) where it
     is over ``eps`` in magnitude, else that times 0 (as the eager ``tv * nonzero``, rounded:
     0 of the delta's sign, NaN from inf·0 as D holds it), ``count[j]`` = how many models are
-    over; model order, the base skipped. Returns the base's elements."""
-    base = xs[base_index][lo : lo + n]
+    over; model order, the base skipped. Returns the base's elements. ``xs``: ``addresses``
+    of ``size``-element inputs stored as ``kind``."""
+    base = _model(xs, base_index, size, kind)[lo : lo + n]
     for j in range(n):
         count[j] = 0
     m = 0
-    for k in range(len(xs)):
+    for k in range(xs.size):
         if k == base_index:
             continue
-        x, t = xs[k][lo : lo + n], tv[m]
+        x, t = _model(xs, k, size, kind)[lo : lo + n], tv[m]
         for j in range(n):
             d = _rounded(_load(x[j]) - _load(base[j]), base[j])
             over = abs(d) > eps
@@ -86,14 +85,14 @@ def _shared(t, count, like):
 
 
 @numba.njit(inline="always", **_JIT)
-def _tile(xs, base_index, lo, n, eps, tv, count, lam, plus, acc):
+def _tile(xs, size, kind, base_index, lo, n, eps, tv, count, lam, plus, acc):
     """``acc[:n]`` = the sum over models of the merged changes of elements ``lo:lo+n``:
     ``ram``'s terms rounded to D, or with ``plus`` ``ramplus_tl``'s in float32 (unique
     changes times λ). Returns the base's elements."""
-    base = _changes(xs, base_index, lo, n, eps, tv, count)
+    base = _changes(xs, size, kind, base_index, lo, n, eps, tv, count)
     for j in range(n):
         acc[j] = np.float32(0)
-    for m in range(len(xs) - 1):
+    for m in range(xs.size - 1):
         t, scale = tv[m], lam[m] if plus else np.float32(1)
         for j in range(n):
             c, like = count[j], base[j]
@@ -106,40 +105,46 @@ def _tile(xs, base_index, lo, n, eps, tv, count, lam, plus, acc):
 
 
 @numba.njit(_signatures("same"), **_JIT)
-def _ram(xs, base_index, eps_bits, lam, out):
+def _ram(xs, kind, base_index, eps_bits, lam, out):
     """``out`` = the eager ``ram`` ops' bits (``lam`` unused)."""
-    eps, models = _f32(eps_bits), len(xs) - 1
+    eps, models = _f32(eps_bits), xs.size - 1
     tv, count = np.empty((models, TILE), np.float32), np.empty(TILE, np.int64)
     acc = np.empty(TILE, np.float32)
     for lo in range(0, out.size, TILE):
         n = min(TILE, out.size - lo)
-        base, o = _tile(xs, base_index, lo, n, eps, tv, count, lam, False, acc), out[lo : lo + n]
+        base, o = (
+            _tile(xs, out.size, kind, base_index, lo, n, eps, tv, count, lam, False, acc),
+            out[lo : lo + n],
+        )
         for j in range(n):
             o[j] = _round(_load(base[j]) + _rounded(acc[j], base[j]), base[j])
 
 
 @numba.njit(_signatures("f32"), **_JIT)
-def _ramplus(xs, base_index, eps_bits, lam, out):
+def _ramplus(xs, kind, base_index, eps_bits, lam, out):
     """``out`` (float32, as mergekit's ops leave it) = the eager ``ramplus_tl`` ops' values."""
-    eps, models = _f32(eps_bits), len(xs) - 1
+    eps, models = _f32(eps_bits), xs.size - 1
     tv, count = np.empty((models, TILE), np.float32), np.empty(TILE, np.int64)
     acc = np.empty(TILE, np.float32)
     for lo in range(0, out.size, TILE):
         n = min(TILE, out.size - lo)
-        base, o = _tile(xs, base_index, lo, n, eps, tv, count, lam, True, acc), out[lo : lo + n]
+        base, o = (
+            _tile(xs, out.size, kind, base_index, lo, n, eps, tv, count, lam, True, acc),
+            out[lo : lo + n],
+        )
         for j in range(n):
             o[j] = _load(base[j]) + acc[j]
 
 
-@numba.njit([numba.void(numba.types.ListType(numba.types.Array(t, 1, "C")), numba.int64, numba.uint32, numba.int64[:, ::1]) for t in (numba.uint16, numba.uint32)], **_JIT)  # fmt: skip
-def _ramplus_counts(xs, base_index, eps_bits, counts):
+@numba.njit([numba.void(numba.int64[::1], t, numba.int64, numba.int64, numba.uint32, numba.int64[:, ::1]) for t in (numba.uint16, numba.uint32)], **_JIT)  # fmt: skip
+def _ramplus_counts(xs, kind, size, base_index, eps_bits, counts):
     """Add to ``counts[0, m]`` the elements model m changes together with others, to
-    ``counts[1, m]`` those it changes alone."""
-    eps, models, size = _f32(eps_bits), len(xs) - 1, xs[base_index].size
+    ``counts[1, m]`` those it changes alone (``size`` elements each)."""
+    eps, models = _f32(eps_bits), xs.size - 1
     tv, count = np.empty((models, TILE), np.float32), np.empty(TILE, np.int64)
     for lo in range(0, size, TILE):
         n = min(TILE, size - lo)
-        _changes(xs, base_index, lo, n, eps, tv, count)
+        _changes(xs, size, kind, base_index, lo, n, eps, tv, count)
         for m in range(models):
             t, shared, alone = tv[m], 0, 0
             for j in range(n):
@@ -154,6 +159,11 @@ def _ramplus_counts(xs, base_index, eps_bits, counts):
 def _eps_bits(dtype: torch.dtype, epsilon: float) -> np.uint32:
     """float32 bits of ``epsilon`` as ``tensor > epsilon`` holds it for ``dtype`` (in D)."""
     return np.uint32(torch.tensor(epsilon, dtype=dtype).float().view(torch.int32).item() & 0xFFFFFFFF)
+
+
+def _kind(xs) -> np.integer:
+    """The inputs' kind as the loops take it: a scalar of their bits' type."""
+    return KEY[xs[0].dtype](0)
 
 
 def _compiled(xs) -> bool:
@@ -191,7 +201,8 @@ def ram(xs, *, base_index, epsilon=1e-5):
     if not _compiled(xs):
         return _ram_eager(xs, base_index, epsilon)
     out = torch.empty_like(xs[base_index])
-    _ram(bits_list(xs), base_index, _eps_bits(xs[0].dtype, epsilon), np.zeros(0, np.float32), bits(out))
+    eps = _eps_bits(xs[0].dtype, epsilon)
+    _ram(addresses(xs), _kind(xs), base_index, eps, np.zeros(0, np.float32), bits(out))
     return out
 
 
@@ -199,7 +210,8 @@ def ramplus_fold(i, acc, xs, *, base_index, r=0.1, alpha=0.2, epsilon=1e-5):
     """The one statistics pass: per model, elements it changes alone and together."""
     if _compiled(xs):
         counts = np.zeros((2, len(xs) - 1), np.int64)
-        _ramplus_counts(bits_list(xs), base_index, _eps_bits(xs[0].dtype, epsilon), counts)
+        eps = _eps_bits(xs[0].dtype, epsilon)
+        _ramplus_counts(addresses(xs), _kind(xs), xs[base_index].numel(), base_index, eps, counts)
         shared, alone = torch.from_numpy(counts[0]), torch.from_numpy(counts[1])
     else:
         shared, alone = _counts_eager(xs, base_index, epsilon)
@@ -225,5 +237,6 @@ def ramplus_tl(xs, *, stats, base_index, r=0.1, alpha=0.2, epsilon=1e-5):
         return _ramplus_eager(xs, stats[0], base_index, epsilon)
     out = torch.empty(xs[base_index].shape, dtype=torch.float32)
     lam = stats[0].to(torch.float32).contiguous().numpy()
-    _ramplus(bits_list(xs), base_index, _eps_bits(xs[0].dtype, epsilon), lam, out.view(-1).numpy())
+    eps = _eps_bits(xs[0].dtype, epsilon)
+    _ramplus(addresses(xs), _kind(xs), base_index, eps, lam, out.view(-1).numpy())
     return out

@@ -53,6 +53,10 @@ class MethodSpec:
     # runs compiled loops (``fused``), which make few block-sized temporaries; None: eager.
     # Called with the working dtype, the shared parameters and the number of inputs.
     compiled: Callable[[str, dict, int], tuple[int, int] | None] = lambda work_dtype, shared, n_inputs: None
+    # Whether the kernel's ``direct`` runs: straight from the read bytes into the output,
+    # no block temporaries. Called with the inputs' stored dtype (one for all, else None),
+    # D, the output dtype, the shared and the per-input parameters.
+    direct: Callable[[str | None, str, str, dict, tuple], bool] = lambda *job: False
     # Statistics passes over the whole tensor before the combine pass, by working dtype
     # and shared parameters (e.g. an exact magnitude threshold needs 1 pass for 16-bit
     # deltas, 2 for fp32). Passes see fixed blocks of ``stat_block`` elements aligned to
@@ -144,6 +148,27 @@ def _gta_compiled(preset: GTAPreset) -> Callable[[str, dict, int], tuple[int, in
     return compiled
 
 
+def direct_dtypes(stored: str | None, work: str, out: str) -> bool:
+    """Whether compiled loops can merge inputs stored as ``stored`` straight into an output
+    of ``out`` with the math in ``work``: all stored as the output is, bfloat16 or float32,
+    D that dtype or float32 over bfloat16 (each element widened exactly on load)."""
+    return stored == out in ("BF16", "F32") and (work == stored or (stored, work) == ("BF16", "F32"))
+
+
+def _gta_direct(preset: GTAPreset) -> Callable[[str | None, str, str, dict, tuple], bool]:
+    """``gta.gta_direct`` runs where no fine-tune is pruned and the compiled combine adds
+    them as torch does (TIES's weighted election included)."""
+
+    def direct(stored: str | None, work: str, out: str, shared: dict, input_params: tuple) -> bool:
+        densities = [p.get("density", 1.0) for p in input_params if "weight" in p]
+        pruned = preset.sparsifier is not None and any(d < 1 for d in densities)
+        unweighted = shared.get("sign_election") == "unweighted"
+        few = len(densities) <= FUSED_COMBINE_MODELS.get(work, 0)
+        return direct_dtypes(stored, work, out) and not pruned and not unweighted and few
+
+    return direct
+
+
 def _gta_spec(name: str, preset: GTAPreset) -> MethodSpec:
     params = [
         Param("weight", float, Scope.NON_BASE),
@@ -175,6 +200,7 @@ def _gta_spec(name: str, preset: GTAPreset) -> MethodSpec:
         # queue on the GIL (64K: no gain from a second core); della's are whole rows
         stat_block=1 << 16 if preset.sparsifier == "della_magprune" else 1 << 18,
         passes=_gta_passes(preset), rows=lambda shared, p=preset: p.sparsifier == "della_magprune",
+        direct=_gta_direct(preset),
         random=preset.sparsifier in ("random", "della_magprune"), summary=preset.summary,
     )  # fmt: skip
 
@@ -219,6 +245,7 @@ SPECS: dict[str, MethodSpec] = {
             (Param("weight", float, Scope.INPUT), Param("normalize", bool, Scope.SHARED, True)),
             summary="weighted average of the inputs",
             compiled=_on_bf16_f32(1, 1),  # the output
+            direct=lambda stored, work, out, shared, input_params: direct_dtypes(stored, work, out),
         ),
         *(_gta_spec(name, preset) for name, preset in GTA.items()),
         MethodSpec(

@@ -1,0 +1,84 @@
+"""Kernels that merge straight from the read bytes (``Kernel.direct``) give the bits of the
+usual path: each input converted to D, combined, the result converted to the output dtype.
+
+linear and the gta family with nothing pruned (task_arithmetic; ties and dare at density 1)
+run their compiled loop on the inputs as stored and write the output dtype; every other
+case must decline (write nothing) and leave the block to the usual path. Special values
+(NaN, infinities, signed zeros, subnormals, bfloat16 rounding ties) sit at the start and in
+the last, partial tile and vector of each block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+
+import streammerge.execute as ex
+
+BF16, F32 = torch.bfloat16, torch.float32
+SPECIAL = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -3e-39, 3e38, 1.00390625, 1.01171875]
+
+# (stored, D, output): the first three run direct, the rest must decline
+DTYPES = [(BF16, BF16, BF16), (BF16, F32, BF16), (F32, F32, F32), (BF16, F32, F32), (F32, BF16, BF16),
+          (BF16, BF16, F32), (F32, F32, BF16)]  # fmt: skip
+DIRECT = {(BF16, BF16, BF16), (BF16, F32, BF16), (F32, F32, F32)}
+
+METHODS = [
+    ("linear", {"weight": [0.4, 0.35, 0.25]}, True),
+    ("linear", {"weight": [1.0, -0.3, 0.7], "normalize": False}, True),
+    ("task_arithmetic", {"weight": [1.0, 0.6, None], "lambda": 0.8}, True),
+    ("task_arithmetic", {"weight": [0.3, 0.3, None], "normalize": True}, True),
+    ("ties", {"weight": [1.0, 0.5, None], "density": [1.0, 1.0, None]}, True),
+    ("dare_linear", {"weight": [0.7, 0.5, None], "density": [1.0, 1.0, None]}, True),
+    ("ties", {"weight": [1.0, 0.5, None], "density": [0.5, 1.0, None]}, False),  # prunes: declines
+]
+
+
+def _inputs(n: int, stored: torch.dtype) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=g)
+    xs = [
+        base + torch.randn(n, generator=g) * 10 ** torch.empty(n).uniform_(-6, 1, generator=g)
+        for _ in range(2)
+    ]
+    for k, x in enumerate([*xs, base]):
+        for at in (0, max(0, n - len(SPECIAL) - 3)):
+            x[at : at + len(SPECIAL)] = torch.tensor(SPECIAL).roll(k)[: n - at]
+    return [x.to(stored) for x in [*xs, base]]
+
+
+@pytest.mark.parametrize(("stored", "work", "out"), DTYPES)
+@pytest.mark.parametrize(("method", "params", "can"), METHODS)
+@pytest.mark.parametrize("n", [1, 13, 2049, 70001])
+def test_direct_gives_the_bits_of_convert_combine_convert(
+    monkeypatch, stored, work, out, method, params, can, n
+):
+    xs = _inputs(n, stored)
+    base_index = None if method == "linear" else 2
+    kwargs = dict(
+        params, base_index=base_index, dtype=work, out_dtype=out, chunk_elems=1 << 15, block_elems=1 << 14
+    )
+    real = ex.get_kernel
+    ran: list[bool] = []
+
+    def spied(name):
+        k = real(name)
+
+        @functools.wraps(k.direct)  # the executor passes what its signature asks for
+        def direct(*a, **kw):
+            ran.append(k.direct(*a, **kw))
+            return ran[-1]
+
+        return dataclasses.replace(k, direct=direct)
+
+    monkeypatch.setattr(ex, "get_kernel", spied)
+    got = ex.merge_tensors(method, xs, **kwargs)
+    assert ran and all(r == (can and (stored, work, out) in DIRECT) for r in ran), ran
+    monkeypatch.setattr(ex, "get_kernel", lambda name: dataclasses.replace(real(name), direct=None))
+    want = ex.merge_tensors(method, xs, **kwargs)
+    assert got.dtype == want.dtype == out
+    bits = torch.int16 if out == BF16 else torch.int32
+    assert torch.equal(got.view(bits), want.view(bits))
