@@ -82,3 +82,29 @@ def test_direct_gives_the_bits_of_convert_combine_convert(
     assert got.dtype == want.dtype == out
     bits = torch.int16 if out == BF16 else torch.int32
     assert torch.equal(got.view(bits), want.view(bits))
+
+
+@pytest.mark.parametrize(("method", "params"), [
+    ("linear", {"weight": [0.4, 0.35, 0.25], "base_index": None}),
+    ("task_arithmetic", {"weight": [1.0, 0.6, None], "normalize": False, "base_index": 2}),
+    ("ram", {"base_index": 2}),
+    ("nearswap", {"base_index": 1, "t": 0.5}),
+])  # fmt: skip
+def test_loops_taking_addresses_accept_strided_blocks(method, params):
+    """A strided block (a transposed view) gives the same bits as a dense one: the loops
+    that take models by address leave it to the eager ops, and a compiled loop's output is
+    allocated contiguous (``empty_like`` keeps the input's strides: the loop wrote into a
+    contiguous copy and the result was never filled). Finite values: torch's eager ops give
+    NaN other payloads on strided tensors. The executor's blocks are always contiguous."""
+    from streammerge.methods import BlockContext
+
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(96, 70, generator=g).to(BF16).t() for _ in range(2 if method == "nearswap" else 3)]
+    kernel = ex.get_kernel(method)
+    ctx = BlockContext(method, "t", (70, 96), 0, 0, BF16)
+    wanted = {
+        k: v for k, v in {"ctx": ctx, "stats": [], "state": {}}.items() if k in ex._wants(kernel.combine)
+    }
+    strided = kernel.combine(xs, **wanted, **params)
+    dense = kernel.combine([x.contiguous() for x in xs], **wanted, **params)
+    assert torch.equal(strided.contiguous().view(torch.int16), dense.contiguous().view(torch.int16))

@@ -193,7 +193,7 @@ def arcee_fusion(xs, *, ctx, stats, base_index):
     threshold = median + 1.5 * (q3 - q1)
     kl = _rows_kl(stats, ctx, base.cpu())
     if supports(base) and supports(x):
-        out = torch.empty_like(base)
+        out = torch.empty_like(base, memory_format=torch.contiguous_format)
         _fuse(bits(base), bits(x), bits(kl), ctx.row, np.float32(threshold.float().item()), bits(out))
         return out
     b, p_x = _pair(xs, base_index)

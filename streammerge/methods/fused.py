@@ -505,8 +505,9 @@ def direct_ok(xs: list[torch.Tensor], out: torch.Tensor, work: torch.dtype) -> b
     element widened exactly on load)."""
     code = {torch.bfloat16: "BF16", torch.float32: "F32"}
     stored = out.dtype if all(x.dtype == out.dtype for x in xs) else None
-    same_device = supports(out) and all(supports(x) for x in xs)
-    return same_device and direct_dtypes(code.get(stored), code.get(work, ""), code[out.dtype])
+    cpu = supports(out) and all(supports(x) for x in xs)
+    contiguous = out.is_contiguous() and all(x.is_contiguous() for x in xs)  # read and written in place
+    return cpu and contiguous and direct_dtypes(code.get(stored), code.get(work, ""), code[out.dtype])
 
 
 def addresses(xs: list[torch.Tensor]) -> np.ndarray:

@@ -342,7 +342,8 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
     weights = [weight[m] for m in others]
     unweighted = preset.consensus == "sum" and sign_election == "unweighted"
     fast = fused.supports(base) and fast_combine_exact(base.dtype, len(others)) and not unweighted
-    if fast and all(preset.sparsifier is None or not _prunes(density[m]) for m in others):
+    contiguous = all(x.is_contiguous() for x in xs)  # the loop takes the models' addresses
+    if fast and contiguous and all(preset.sparsifier is None or not _prunes(density[m]) for m in others):
         # nothing pruned: one compiled pass, no deltas array
         return _combine_fused(base, [xs[m] for m in others], weights, preset.consensus, normalize, lam)
     deltas = base.new_empty((len(others), *base.shape))  # (n_models, *block)
@@ -424,7 +425,7 @@ def _combine_fused(base, deltas, weights, consensus, normalize, lam, out=None, w
     w = torch.tensor(weights, dtype=work)
     divisor = w.float().cumsum(0)[-1:].to(work).float().item()  # in order, like sum(dim=0)
     divisor = 1.0 if consensus == "sum" or abs(divisor) < 1e-8 else divisor
-    out = torch.empty_like(base) if out is None else out
+    out = torch.empty_like(base, memory_format=torch.contiguous_format) if out is None else out
     b, o = fused.bits(base), fused.bits(out)
     flags = (consensus == "sum", bool(normalize), np.float32(divisor), np.float32(lam))
     w = w.float().numpy()

@@ -96,8 +96,8 @@ def linear(
     normalize: bool = True,
 ) -> torch.Tensor:
     """xs: the inputs (same shape, dtype D); weight: one per input. Returns dtype D."""
-    if all(supports(x) and x.dtype == xs[0].dtype for x in xs):
-        out = torch.empty_like(xs[0])
+    if all(supports(x) and x.dtype == xs[0].dtype and x.is_contiguous() for x in xs):
+        out = torch.empty_like(xs[0], memory_format=torch.contiguous_format)
         if _compiled(xs, out, weight, normalize):
             return out
     return _eager(xs, weight, normalize)

@@ -193,7 +193,7 @@ def model_stock(xs, *, ctx, stats, base_index, filter_wise=False):
     w0, ws = xs[base_index], [x for i, x in enumerate(xs) if i != base_index]
     t = stats[0]
     if fused.supports(w0):
-        out = torch.empty_like(w0)
+        out = torch.empty_like(w0, memory_format=torch.contiguous_format)
         weights = (np.float32(t.float().item()), np.float32((1 - t).float().item()), np.float32(len(ws)))
         _combine(fused.bits(w0), tuple(fused.bits(w) for w in ws), *weights, fused.bits(out))
         return out

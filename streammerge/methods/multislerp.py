@@ -223,7 +223,7 @@ def multislerp(xs, *, stats, base_index, weight, normalize_weights=True, eps=1e-
     (norms, w), mean_norm = stats
     if mean_norm >= eps and _compiled(xs, base_index):
         scale = (norms.squeeze(-1) * w).sum()
-        out = torch.empty_like(others[0])
+        out = torch.empty_like(others[0], memory_format=torch.contiguous_format)
         floats = (np.float32(mean_norm.float().item()), np.float32(scale.float().item()))
         _combine(*_compiled_args(xs, base_index), *_stat_vectors(stats, eps), *floats, fused.bits(out))
         return out

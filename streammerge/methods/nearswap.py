@@ -55,6 +55,6 @@ def nearswap(xs: list[torch.Tensor], *, base_index: int, t: float) -> torch.Tens
     base, other = xs[base_index], xs[1 - base_index]
     if not supports(base):
         return _eager(base, other, t)
-    out = torch.empty_like(base)
+    out = torch.empty_like(base, memory_format=torch.contiguous_format)
     _nearswap(bits(base), bits(other), bits(out), _floor(base.dtype), np.float32(t))
     return out

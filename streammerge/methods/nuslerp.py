@@ -360,7 +360,7 @@ def _combine_compiled(xs, ctx, stats, base_index, weight) -> torch.Tensor:
         reps = -(-TILE // coef.shape[1])
         coef, lin = np.tile(coef, (1, reps)), np.tile(lin, reps)
     paths = 2 if lin.any() and not lin.all() else int(lin.all())
-    out = torch.empty_like(xs[0])
+    out = torch.empty_like(xs[0], memory_format=torch.contiguous_format)
     operands = _operands(xs, base_index)
     interpolate(*operands, ctx.offset, coef, lin, paths, np.float32(1 - t), np.float32(t), fused.bits(out))
     return out

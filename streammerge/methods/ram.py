@@ -169,7 +169,7 @@ def _kind(xs) -> np.integer:
 def _compiled(xs) -> bool:
     """Whether the loops give the eager ops' bits: CPU bfloat16/float32, and few enough
     models that torch's ``sum(dim=0)`` adds them in order."""
-    same = all(supports(x) and x.dtype == xs[0].dtype for x in xs)
+    same = all(supports(x) and x.dtype == xs[0].dtype and x.is_contiguous() for x in xs)
     return same and fast_combine_exact(xs[0].dtype, len(xs) - 1)
 
 
@@ -200,7 +200,7 @@ def ram(xs, *, base_index, epsilon=1e-5):
         return xs[base_index]
     if not _compiled(xs):
         return _ram_eager(xs, base_index, epsilon)
-    out = torch.empty_like(xs[base_index])
+    out = torch.empty_like(xs[base_index], memory_format=torch.contiguous_format)
     eps = _eps_bits(xs[0].dtype, epsilon)
     _ram(addresses(xs), _kind(xs), base_index, eps, np.zeros(0, np.float32), bits(out))
     return out

@@ -115,7 +115,7 @@ def sce(xs, *, ctx, stats, state, base_index, select_topk=1.0, int8_mask=False):
     tvs = _keep(tvs, ctx, stats, state, select_topk)
     weights = stats[-1]
     if fused.supports(base) and len(tvs) <= (4 if base.dtype == torch.float32 else 8):  # torch's sum order
-        out = torch.empty_like(base)
+        out = torch.empty_like(base, memory_format=torch.contiguous_format)
         w = weights.to(base.dtype).float().numpy()
         fused.sce_combine(fused.bits(base), fused.bits(tvs).reshape(len(tvs), -1), w, fused.bits(out))
         return out
