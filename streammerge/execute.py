@@ -460,8 +460,16 @@ class _JobRun:
                 self.acc = self._call(self.kernel.fold, i, self.acc, xs, offset=offset)
         else:  # runs of blocks on every core, each run folded in order, the runs joined in order
             raw = self._raw(views)
+            # a kernel that folds spans takes a run's blocks in one call, when they are views
+            # of the read set (no conversion to D: nothing grows with the span)
+            spans = self.kernel.spans and all(x.dtype == self.work for x in raw)
 
             def fold_run(run: range):
+                if spans:
+                    lo, hi = run.start, min(end - start, run[-1] + step)
+                    return self._call(
+                        self.kernel.fold, i, None, self._block(raw, lo, hi), offset=start + lo, span=step
+                    )
                 acc = None
                 for s in run:
                     xs = self._block(raw, s, min(end - start, s + step))

@@ -108,3 +108,41 @@ def test_loops_taking_addresses_accept_strided_blocks(method, params):
     strided = kernel.combine(xs, **wanted, **params)
     dense = kernel.combine([x.contiguous() for x in xs], **wanted, **params)
     assert torch.equal(strided.contiguous().view(torch.int16), dense.contiguous().view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32])
+@pytest.mark.parametrize(
+    "mode",
+    [{}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}],  # per-row nuslerp has no passes
+)
+@pytest.mark.parametrize("base", [True, False])
+def test_nuslerp_folds_spans_as_its_blocks_one_by_one(monkeypatch, dtype, mode, base):
+    """nuslerp's statistics passes take a run of blocks in one call (``Kernel.spans``): the
+    same sums, so the same bits, as one call per block."""
+    g = torch.Generator().manual_seed(7)
+    shape = (600, 2200)  # 1.3M elements: 21 statistics blocks of 64K, runs of 3, a partial last one
+    xs = [torch.randn(shape, generator=g).to(dtype) for _ in range(3 if base else 2)]
+    kwargs = dict(
+        mode, base_index=2 if base else None, weight=[0.4, 0.6, None][: len(xs)], block_elems=1 << 18
+    )
+    real = ex.get_kernel
+    spanned: list[bool] = []
+
+    def spied(name):
+        k = real(name)
+
+        @functools.wraps(k.fold)
+        def fold(i, acc, xs, **kw):
+            spanned.append(kw.get("span") is not None and xs[0].numel() > kw["span"])
+            return k.fold(i, acc, xs, **kw)
+
+        return dataclasses.replace(k, fold=fold)
+
+    monkeypatch.setattr(ex, "get_kernel", spied)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # runs of several blocks, as on 2 cores
+    spans = ex.merge_tensors("nuslerp", xs, **kwargs)
+    assert any(spanned)
+    monkeypatch.setattr(ex, "get_kernel", lambda name: dataclasses.replace(real(name), spans=False))
+    one_by_one = ex.merge_tensors("nuslerp", xs, **kwargs)
+    bits = torch.int16 if dtype == BF16 else torch.int32
+    assert torch.equal(spans.view(bits), one_by_one.view(bits))

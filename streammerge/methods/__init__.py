@@ -12,7 +12,10 @@ Using every core without changing a bit: a kernel that gives ``reduce(i, acc, pa
 -> acc`` has its statistics blocks folded in runs of consecutive blocks on all threads
 (each run from ``None``) and the runs' partials joined in order (``acc`` is None before
 the first); its ``fold`` keeps no ``state``, and must give the same bits however the blocks
-are grouped into runs (integer counts, or per-block terms summed in ``finish``). Combine
+are grouped into runs (integer counts, or per-block terms summed in ``finish``). With
+``spans`` it is also handed a whole run at once, ``span`` elements per statistics block (when
+the inputs are already in D), and must give what folding its blocks one by one gives: the
+per-block call costs more than a 64K-element block's compiled loop where threads share the GIL. Combine
 blocks are independent, so they run one per thread at once, unless the kernel registers
 as ``ordered`` (its combine keeps ``state`` from block to block).
 
@@ -72,6 +75,7 @@ class Kernel:
     reduce: Callable | None = None
     ordered: bool = False  # combine sees a tensor's blocks in order (it keeps ``state``)
     direct: Callable | None = None
+    spans: bool = False  # fold takes a run of statistics blocks at once (keyword ``span``)
 
 
 def register(
@@ -82,12 +86,13 @@ def register(
     reduce: Callable | None = None,
     ordered: bool = False,
     direct: Callable | None = None,
+    spans: bool = False,
 ):
     """Decorator: make ``fn`` the combine kernel of method ``name`` (which needs a spec)."""
 
     def deco(fn: Callable) -> Callable:
         assert name in SPECS, f"kernel {name} has no MethodSpec"
-        _KERNELS[name] = Kernel(fn, fold, finish, reduce, ordered, direct)
+        _KERNELS[name] = Kernel(fn, fold, finish, reduce, ordered, direct, spans)
         return fn
 
     return deco

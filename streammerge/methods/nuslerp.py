@@ -22,6 +22,8 @@ one fp64 sum per column it holds, ``min(columns, 65536)``, until the run's block
 
 from __future__ import annotations
 
+import dataclasses
+
 import numba
 import numpy as np
 import torch
@@ -98,12 +100,26 @@ def _per_element(stat: torch.Tensor, columns: torch.Tensor | None) -> torch.Tens
     return stat if columns is None else stat[columns]
 
 
-def nuslerp_fold(i, acc, xs, *, ctx, stats, base_index, weight, nuslerp_flatten=True, nuslerp_row_wise=False):
+def nuslerp_fold(i, acc, xs, *, ctx, stats, base_index, weight, nuslerp_flatten=True, nuslerp_row_wise=False,
+                 span=None):  # fmt: skip
     """Pass 0: sums of squares of v0 and v1 (fp32 squares, like torch.norm). Pass 1: the
     dot product of the normalised vectors, products rounded to D as mergekit multiplies.
     Flattened: one sum each; row-wise: one per column (vector along dim 0). Each block's
-    sums start from +0 and are kept, in block order, for ``nuslerp_reduce`` to add up."""
+    sums start from +0 and are kept, in block order, for ``nuslerp_reduce`` to add up.
+    ``span``: ``xs`` holds consecutive statistics blocks of that many elements, folded one
+    by one (flattened, in one compiled call)."""
     acc = [] if acc is None else acc
+    n = xs[0].numel()
+    if span is not None and span < n:
+        if nuslerp_flatten and fused.supports(xs[0]):
+            acc.extend(_flat_span(i, xs, stats, base_index, span))
+            return acc
+        for lo in range(0, n, span):
+            part = dataclasses.replace(ctx, offset=ctx.offset + lo)
+            blocks = [x.reshape(-1)[lo : lo + span] for x in xs]
+            nuslerp_fold(i, acc, blocks, ctx=part, stats=stats, base_index=base_index, weight=weight,
+                         nuslerp_flatten=nuslerp_flatten, nuslerp_row_wise=nuslerp_row_wise)  # fmt: skip
+        return acc
     if fused.supports(xs[0]):
         acc.append(_block_compiled(i, xs, ctx, stats, base_index, nuslerp_flatten))
         return acc
@@ -160,6 +176,14 @@ def _block_compiled(i, xs, ctx, stats, base_index, flatten) -> tuple:
     part = np.zeros((1 if i else 2, min(ncols, xs[0].numel())))
     column_block(*operands, ctx.offset, ncols, norms, part)
     return ctx.offset, part
+
+
+def _flat_span(i, xs, stats, base_index, span) -> list[tuple]:
+    """``_block_compiled``'s flattened sums of each ``span``-element block of ``xs``, in one call."""
+    norms = (np.float32(n.item()) for n in stats[0]) if i else (np.float32(0), np.float32(0))
+    out = np.empty((-(-xs[0].numel() // span), 1 if i else 2))
+    flat_blocks(*_operands(xs, base_index), span, *norms, out)
+    return [tuple(float(s) for s in row) for row in out]
 
 
 def nuslerp_finish(i, acc, *, ctx, stats, base_index, weight, nuslerp_flatten=True, nuslerp_row_wise=False):
@@ -233,6 +257,19 @@ def flat_dot(x0, x1, base, has_base, n0, n1):
             q[j] = np.float64(_rounded(_rounded(v0[j] / n0, x[j]) * _rounded(v1[j] / n1, x[j]), x[j]))
         _add_lanes(q[: hi - lo], lanes)
     return _total(lanes)
+
+
+@_loop("void({T}[::1], {T}[::1], {T}[::1], boolean, int64, float32, float32, float64[:, ::1])")
+def flat_blocks(x0, x1, base, has_base, span, n0, n1, out):
+    """Row k of ``out``: ``flat_squares`` (two columns) or ``flat_dot`` with norms n0, n1 (one
+    column) of the k-th ``span``-element block: the per-block sums, in one call."""
+    for k in range(out.shape[0]):
+        lo = k * span
+        hi = min(lo + span, x0.size)
+        if out.shape[1] == 2:
+            out[k, 0], out[k, 1] = flat_squares(x0[lo:hi], x1[lo:hi], base[lo:hi], has_base)
+        else:
+            out[k, 0] = flat_dot(x0[lo:hi], x1[lo:hi], base[lo:hi], has_base, n0, n1)
 
 
 @numba.njit("void(float64[:, ::1], float64[:, ::1], int64, boolean)", **_JIT)
@@ -328,7 +365,7 @@ def interpolate(x0, x1, base, has_base, first, coef, colinear, paths, s, t, out)
         pos += seg
 
 
-@register("nuslerp", fold=nuslerp_fold, finish=nuslerp_finish, reduce=nuslerp_reduce)
+@register("nuslerp", fold=nuslerp_fold, finish=nuslerp_finish, reduce=nuslerp_reduce, spans=True)
 def nuslerp(xs, *, ctx, stats, base_index, weight, nuslerp_flatten=True, nuslerp_row_wise=False):
     if stats and fused.supports(xs[0]):
         return _combine_compiled(xs, ctx, stats, base_index, weight)
