@@ -110,21 +110,27 @@ def test_loops_taking_addresses_accept_strided_blocks(method, params):
     assert torch.equal(strided.contiguous().view(torch.int16), dense.contiguous().view(torch.int16))
 
 
-@pytest.mark.parametrize("dtype", [BF16, F32])
-@pytest.mark.parametrize(
-    "mode",
-    [{}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}],  # per-row nuslerp has no passes
-)
+SPANS = [
+    ("nuslerp", {"weight": [0.4, 0.6, None]}),  # flattened
+    ("nuslerp", {"weight": [0.4, 0.6, None], "nuslerp_flatten": False, "nuslerp_row_wise": True}),  # columns
+    ("model_stock", {}),
+]  # per-row nuslerp has no statistics passes
+
+
+@pytest.mark.parametrize("dtype", [BF16, F32, torch.float16])  # compiled loops; float16: the eager ops
+@pytest.mark.parametrize(("method", "params"), SPANS)
 @pytest.mark.parametrize("base", [True, False])
-def test_nuslerp_folds_spans_as_its_blocks_one_by_one(monkeypatch, dtype, mode, base):
-    """nuslerp's statistics passes take a run of blocks in one call (``Kernel.spans``): the
+def test_folding_a_span_is_folding_its_blocks_one_by_one(monkeypatch, dtype, method, params, base):
+    """Kernels registered with ``spans`` take a run of statistics blocks in one call: the
     same sums, so the same bits, as one call per block."""
+    if method == "model_stock" and not base:
+        pytest.skip("model_stock needs a base")
     g = torch.Generator().manual_seed(7)
-    shape = (600, 2200)  # 1.3M elements: 21 statistics blocks of 64K, runs of 3, a partial last one
+    shape = (600, 2200)  # 1.3M elements: 64K/128K statistics blocks, runs of several, a partial last one
     xs = [torch.randn(shape, generator=g).to(dtype) for _ in range(3 if base else 2)]
-    kwargs = dict(
-        mode, base_index=2 if base else None, weight=[0.4, 0.6, None][: len(xs)], block_elems=1 << 18
-    )
+    if "weight" in params:
+        params = dict(params, weight=params["weight"][: len(xs)])
+    kwargs = dict(params, base_index=len(xs) - 1 if base else None, block_elems=1 << 18)
     real = ex.get_kernel
     spanned: list[bool] = []
 
@@ -140,9 +146,9 @@ def test_nuslerp_folds_spans_as_its_blocks_one_by_one(monkeypatch, dtype, mode, 
 
     monkeypatch.setattr(ex, "get_kernel", spied)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # runs of several blocks, as on 2 cores
-    spans = ex.merge_tensors("nuslerp", xs, **kwargs)
+    spans = ex.merge_tensors(method, xs, **kwargs)
     assert any(spanned)
     monkeypatch.setattr(ex, "get_kernel", lambda name: dataclasses.replace(real(name), spans=False))
-    one_by_one = ex.merge_tensors("nuslerp", xs, **kwargs)
-    bits = torch.int16 if dtype == BF16 else torch.int32
+    one_by_one = ex.merge_tensors(method, xs, **kwargs)
+    bits = torch.int32 if dtype == F32 else torch.int16
     assert torch.equal(spans.view(bits), one_by_one.view(bits))

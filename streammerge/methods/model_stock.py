@@ -81,30 +81,34 @@ def lane_totals(lanes, out):
 
 
 @numba.njit(**_JIT)  # compiled per number of fine-tunes (a tuple of arrays), cached on disk
-def _block_sums(base, xs, out):
-    """``out`` = for each pair a < b of fine-tunes, Σ round(d_a·d_b); then for each, Σ d_a²
-    (fp64; ``d_a`` = round(x_a − base)): one partial sum per element position in a tile
-    (so the adds vectorize), those summed by ``lane_totals``."""
+def _block_sums(base, xs, span, out):
+    """Row k of ``out``, for the k-th ``span``-element block: for each pair a < b of
+    fine-tunes, Σ round(d_a·d_b); then for each, Σ d_a² (fp64; ``d_a`` = round(x_a − base)):
+    one partial sum per element position in a tile from the block's start (so the adds
+    vectorize), those summed by ``lane_totals``."""
     n = len(xs)
     d = np.empty((n, TILE), np.float32)
-    lanes = np.zeros((out.size, TILE))
-    for lo in range(0, base.size, TILE):
-        hi = min(lo + TILE, base.size)
-        b = base[lo:hi]
-        for a in range(n):
-            x, da = xs[a][lo:hi], d[a]
-            for j in range(hi - lo):
-                da[j] = _rounded(_load(x[j]) - _load(b[j]), b[j])
-        row = 0
-        for a in range(n):
-            for c in range(a + 1, n):
-                da, dc, acc = d[a], d[c], lanes[row]
+    lanes = np.zeros((out.shape[1], TILE))
+    for k in range(out.shape[0]):
+        lanes[:] = 0.0
+        stop = min((k + 1) * span, base.size)
+        for lo in range(k * span, stop, TILE):
+            hi = min(lo + TILE, stop)
+            b = base[lo:hi]
+            for a in range(n):
+                x, da = xs[a][lo:hi], d[a]
                 for j in range(hi - lo):
-                    acc[j] += np.float64(_rounded(da[j] * dc[j], b[j]))
-                row += 1
-        for a in range(n):
-            add_squares(d[a], lanes[row + a], hi - lo)
-    lane_totals(lanes, out)
+                    da[j] = _rounded(_load(x[j]) - _load(b[j]), b[j])
+            row = 0
+            for a in range(n):
+                for c in range(a + 1, n):
+                    da, dc, acc = d[a], d[c], lanes[row]
+                    for j in range(hi - lo):
+                        acc[j] += np.float64(_rounded(da[j] * dc[j], b[j]))
+                    row += 1
+            for a in range(n):
+                add_squares(d[a], lanes[row + a], hi - lo)
+        lane_totals(lanes, out[k])
 
 
 @numba.njit(**_JIT)
@@ -132,29 +136,33 @@ def _warm() -> None:
     compiler's time and memory stay out of a merge."""
     for dtype in (torch.bfloat16, torch.float32):
         x = fused.bits(torch.zeros(4, dtype=dtype))
-        _block_sums(x, (x, x), np.empty(3))
+        _block_sums(x, (x, x), 4, np.empty((1, 3)))
         _combine(x, (x, x), np.float32(0), np.float32(1), np.float32(2), x.copy())
 
 
 _warm()
 
 
-def model_stock_fold(i, acc, xs, *, base_index, filter_wise=False):
+def model_stock_fold(i, acc, xs, *, base_index, filter_wise=False, span=None):
     """The single statistics pass: one block's fp64 sums of d_a·d_b (products rounded to
     D, as mergekit multiplies in D) for each pair, then of each d_a² (in fp32 like
     torch.norm), appended to the tensor's list of block sums (added up in ``finish``, so
-    any runs of blocks give the same bits)."""
-    w0, ws = xs[base_index], [x for i, x in enumerate(xs) if i != base_index]
-    if fused.supports(w0):
-        sums = np.empty(len(_pairs(len(ws))) + len(ws))
-        _block_sums(fused.bits(w0), tuple(fused.bits(w) for w in ws), sums)
-        part = tuple(sums.tolist())
-    else:
-        offsets = [w - w0 for w in ws]
-        dots = [(offsets[a] * offsets[b]).double().sum().item() for a, b in _pairs(len(ws))]
-        part = (*dots, *(o.float().double().square().sum().item() for o in offsets))
+    any runs of blocks give the same bits). ``span``: ``xs`` holds consecutive blocks of
+    that many elements, each summed on its own (in one compiled call)."""
     acc = [] if acc is None else acc
-    acc.append(part)
+    w0, ws = xs[base_index], [x for i, x in enumerate(xs) if i != base_index]
+    n = w0.numel()
+    span = n if span is None else span
+    if fused.supports(w0):
+        sums = np.empty((max(1, -(-n // span)), len(_pairs(len(ws))) + len(ws)))
+        _block_sums(fused.bits(w0), tuple(fused.bits(w) for w in ws), max(span, 1), sums)
+        acc.extend(tuple(row) for row in sums.tolist())
+        return acc
+    for lo in range(0, max(n, 1), span):  # block by block: no temporaries the size of the span
+        base = w0.reshape(-1)[lo : lo + span]
+        offsets = [w.reshape(-1)[lo : lo + span] - base for w in ws]
+        dots = [(offsets[a] * offsets[b]).double().sum().item() for a, b in _pairs(len(ws))]
+        acc.append((*dots, *(o.float().double().square().sum().item() for o in offsets)))
     return acc
 
 
@@ -186,7 +194,9 @@ def _row_wise(xs, rows: int, base_index):
     return (t * average + (1 - t) * w0r).reshape(w0.shape)
 
 
-@register("model_stock", fold=model_stock_fold, finish=model_stock_finish, reduce=model_stock_reduce)
+@register(
+    "model_stock", fold=model_stock_fold, finish=model_stock_finish, reduce=model_stock_reduce, spans=True
+)
 def model_stock(xs, *, ctx, stats, base_index, filter_wise=False):
     if filter_wise:
         return _row_wise(xs, ctx.row, base_index)
