@@ -2,8 +2,9 @@
 usual path: each input converted to D, combined, the result converted to the output dtype.
 
 linear and the gta family with nothing pruned (task_arithmetic; ties and dare at density 1)
-run their compiled loop on the inputs as stored and write the output dtype; every other
-case must decline (write nothing) and leave the block to the usual path. Special values
+run their compiled loop on the inputs as stored and write the output dtype, model_stock
+where inputs, D and output are one dtype; every other case must decline (write nothing)
+and leave the block to the usual path. Special values
 (NaN, infinities, signed zeros, subnormals, bfloat16 rounding ties) sit at the start and in
 the last, partial tile and vector of each block.
 """
@@ -21,19 +22,22 @@ import streammerge.execute as ex
 BF16, F32 = torch.bfloat16, torch.float32
 SPECIAL = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -3e-39, 3e38, 1.00390625, 1.01171875]
 
-# (stored, D, output): the first three run direct, the rest must decline
+# (stored, D, output): the first three can run direct, the rest must decline
 DTYPES = [(BF16, BF16, BF16), (BF16, F32, BF16), (F32, F32, F32), (BF16, F32, F32), (F32, BF16, BF16),
           (BF16, BF16, F32), (F32, F32, BF16)]  # fmt: skip
 DIRECT = {(BF16, BF16, BF16), (BF16, F32, BF16), (F32, F32, F32)}
+SAME = {(BF16, BF16, BF16), (F32, F32, F32)}  # one dtype throughout
 
+# (method, parameters, the dtype triples where it runs direct)
 METHODS = [
-    ("linear", {"weight": [0.4, 0.35, 0.25]}, True),
-    ("linear", {"weight": [1.0, -0.3, 0.7], "normalize": False}, True),
-    ("task_arithmetic", {"weight": [1.0, 0.6, None], "lambda": 0.8}, True),
-    ("task_arithmetic", {"weight": [0.3, 0.3, None], "normalize": True}, True),
-    ("ties", {"weight": [1.0, 0.5, None], "density": [1.0, 1.0, None]}, True),
-    ("dare_linear", {"weight": [0.7, 0.5, None], "density": [1.0, 1.0, None]}, True),
-    ("ties", {"weight": [1.0, 0.5, None], "density": [0.5, 1.0, None]}, False),  # prunes: declines
+    ("linear", {"weight": [0.4, 0.35, 0.25]}, DIRECT),
+    ("linear", {"weight": [1.0, -0.3, 0.7], "normalize": False}, DIRECT),
+    ("task_arithmetic", {"weight": [1.0, 0.6, None], "lambda": 0.8}, DIRECT),
+    ("task_arithmetic", {"weight": [0.3, 0.3, None], "normalize": True}, DIRECT),
+    ("ties", {"weight": [1.0, 0.5, None], "density": [1.0, 1.0, None]}, DIRECT),
+    ("dare_linear", {"weight": [0.7, 0.5, None], "density": [1.0, 1.0, None]}, DIRECT),
+    ("ties", {"weight": [1.0, 0.5, None], "density": [0.5, 1.0, None]}, set()),  # prunes: declines
+    ("model_stock", {}, SAME),  # its loop rounds to the inputs' dtype
 ]
 
 
@@ -76,7 +80,7 @@ def test_direct_gives_the_bits_of_convert_combine_convert(
 
     monkeypatch.setattr(ex, "get_kernel", spied)
     got = ex.merge_tensors(method, xs, **kwargs)
-    assert ran and all(r == (can and (stored, work, out) in DIRECT) for r in ran), ran
+    assert ran and all(r == ((stored, work, out) in can) for r in ran), ran
     monkeypatch.setattr(ex, "get_kernel", lambda name: dataclasses.replace(real(name), direct=None))
     want = ex.merge_tensors(method, xs, **kwargs)
     assert got.dtype == want.dtype == out

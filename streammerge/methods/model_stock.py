@@ -194,9 +194,27 @@ def _row_wise(xs, rows: int, base_index):
     return (t * average + (1 - t) * w0r).reshape(w0.shape)
 
 
+def _combine_into(xs, t, base_index, out) -> None:
+    """``_combine`` of the blocks ``xs`` (base at ``base_index``) into ``out``."""
+    w0, ws = xs[base_index], [x for i, x in enumerate(xs) if i != base_index]
+    weights = (np.float32(t.float().item()), np.float32((1 - t).float().item()), np.float32(len(ws)))
+    _combine(fused.bits(w0), tuple(fused.bits(w) for w in ws), *weights, fused.bits(out))
+
+
+def model_stock_direct(xs, out, *, ctx, stats, base_index, filter_wise=False) -> bool:
+    """``model_stock`` of the inputs as stored straight into ``out`` (the output dtype) where
+    they, D and the output are one dtype (its loop rounds to the inputs' dtype); else False."""
+    same = ctx.work_dtype == out.dtype
+    if filter_wise or not same or not fused.direct_ok(xs, out, ctx.work_dtype):
+        return False
+    _combine_into(xs, stats[0], base_index, out)
+    return True
+
+
 @register(
-    "model_stock", fold=model_stock_fold, finish=model_stock_finish, reduce=model_stock_reduce, spans=True
-)
+    "model_stock", fold=model_stock_fold, finish=model_stock_finish, reduce=model_stock_reduce, spans=True,
+    direct=model_stock_direct,
+)  # fmt: skip
 def model_stock(xs, *, ctx, stats, base_index, filter_wise=False):
     if filter_wise:
         return _row_wise(xs, ctx.row, base_index)
@@ -204,8 +222,7 @@ def model_stock(xs, *, ctx, stats, base_index, filter_wise=False):
     t = stats[0]
     if fused.supports(w0):
         out = torch.empty_like(w0, memory_format=torch.contiguous_format)
-        weights = (np.float32(t.float().item()), np.float32((1 - t).float().item()), np.float32(len(ws)))
-        _combine(fused.bits(w0), tuple(fused.bits(w) for w in ws), *weights, fused.bits(out))
+        _combine_into(xs, t, base_index, out)
         return out
     average = sum(ws) / len(ws)
     return t * average + (1 - t) * w0

@@ -349,6 +349,10 @@ SPECS: dict[str, MethodSpec] = {
             passes=lambda work_dtype, shared: 0 if shared.get("filter_wise") else 1,
             stat_block=1 << 17,
             rows=lambda shared: bool(shared.get("filter_wise")),
+            # its loop rounds to the inputs' dtype: direct only where they, D and the output are one
+            direct=lambda stored, work, out, shared, input_params: (
+                direct_dtypes(stored, work, out) and work == stored and not shared.get("filter_wise")
+            ),
             summary="base + t * (mean fine-tune - base), t from the angle between the deltas",
         ),  # fmt: skip
         MethodSpec(
