@@ -3,9 +3,10 @@
 Three stages overlap: a reader thread makes one of two read sets ready (each input's
 chunk mmap'ed and faulted in: the page cache's own pages, no copy; derived, unaligned and
 GPU inputs ``os.preadv``'ed into buffers allocated once), the calling thread merges the
-other set block by block into one of two write buffers (straight from the read bytes where
-the kernel has a ``direct`` path, else converting each block to D and the result back), and a writer thread ``pwrite``s
-the previous buffer at its planned offset and hashes it. The buffers are exactly the
+other set block by block into one of two write buffers (straight from the read bytes
+where the kernel has a ``direct`` path, else converting each block to D and the result
+back), and a writer thread ``pwrite``s the previous buffer at its planned offset and
+hashes it. The buffers are exactly the
 plan's ``Estimate``; nothing grows with model size. Kernels are elementwise, so any chunk
 or block size gives the same bytes.
 
