@@ -6,9 +6,8 @@ GPU inputs ``os.preadv``'ed into buffers allocated once), the calling thread mer
 other set block by block into one of two write buffers (straight from the read bytes
 where the kernel has a ``direct`` path, else converting each block to D and the result
 back), and a writer thread ``pwrite``s the previous buffer at its planned offset and
-hashes it. The buffers are exactly the
-plan's ``Estimate``; nothing grows with model size. Kernels are elementwise, so any chunk
-or block size gives the same bytes.
+hashes it. The buffers are exactly the plan's ``Estimate``; nothing grows with model size.
+Kernels are elementwise, so any chunk or block size gives the same bytes.
 
 With ``--device cuda`` the buffers are pinned, each chunk crosses to the GPU whole and its
 result comes back whole (``_JobRun._combine_on_device``); statistics passes stay on the CPU,

@@ -371,20 +371,27 @@ def _replace_place(job: Job, shard: int, offset: int) -> Job:
     return replace(job, shard=shard, offset=offset)
 
 
-def _estimate(jobs: tuple[Job, ...], budget: int) -> Estimate:
-    def in_item(j: Job) -> int:
-        return sum(ITEMSIZE[t.dtype] for t in j.inputs)
+def _in_item(j: Job) -> int:
+    """Bytes of one element of every input of ``j``: a read set's size per element."""
+    return sum(ITEMSIZE[t.dtype] for t in j.inputs)
 
+
+def _buffer_bytes(j: Job) -> int:
+    """Bytes per chunk element of ``j``'s two read sets and two write buffers."""
+    return 2 * _in_item(j) + 2 * ITEMSIZE[j.out_dtype]
+
+
+def _estimate(jobs: tuple[Job, ...], budget: int) -> Estimate:
     block = compute_block(jobs, budget)
     scratch = max((compute_scratch(j, block) for j in jobs), default=0)
     derive = max((scratch_nbytes(t) for j in jobs for t in j.inputs), default=0)
-    per_elem = max((2 * in_item(j) + 2 * ITEMSIZE[j.out_dtype] for j in jobs), default=1)
+    per_elem = max((_buffer_bytes(j) for j in jobs), default=1)
     chunk = (budget - scratch - derive) // per_elem // block * block
     if chunk < block:
         need = scratch + derive + block * per_elem
         raise BudgetError(f"--max-memory {budget} bytes is too small for this plan; it needs at least {need}")
     jobs = tuple(_balanced(_streaming(j, chunk, block, budget)) for j in jobs)
-    read_set = max((min(j.chunk_elems, j.numel) * in_item(j) for j in jobs), default=0)
+    read_set = max((min(j.chunk_elems, j.numel) * _in_item(j) for j in jobs), default=0)
     write_buf = max((min(j.chunk_elems, j.numel) * ITEMSIZE[j.out_dtype] for j in jobs), default=0)
     reads = sum(t.nbytes * (1 if j.resident else j.passes + 1) for j in jobs for t in j.inputs)
     estimate = Estimate(
@@ -412,7 +419,7 @@ def _block_words(j: Job) -> int:
     chunks must hold whole blocks."""
     words = sum(_scratch_words(j))
     if words == 0 and not copies(j):
-        return -(-(2 * sum(ITEMSIZE[t.dtype] for t in j.inputs) + 2 * ITEMSIZE[j.out_dtype]) // 4)
+        return -(-_buffer_bytes(j) // 4)
     return max(1, words)
 
 

@@ -13,10 +13,10 @@ Using every core without changing a bit: a kernel that gives ``reduce(i, acc, pa
 (each run from ``None``) and the runs' partials joined in order (``acc`` is None before
 the first); its ``fold`` keeps no ``state``, and must give the same bits however the blocks
 are grouped into runs (integer counts, or per-block terms summed in ``finish``). With
-``spans`` it is also handed a whole run at once, ``span`` elements per statistics block (when
-the inputs are already in D), and must give what folding its blocks one by one gives: the
-per-block call costs more than a 64K-element block's compiled loop where threads share the GIL. Combine
-blocks are independent, so they run one per thread at once, unless the kernel registers
+``spans`` it is also handed a whole run at once, ``span`` elements per statistics block
+(when the inputs are already in D), and must give what folding its blocks one by one
+gives: a call per block costs more than a 64K-element block's compiled loop where
+threads share the GIL. Combine blocks are independent, so they run one per thread at once, unless the kernel registers
 as ``ordered`` (its combine keeps ``state`` from block to block).
 
 Straight from the read bytes: a kernel may also give ``direct(xs, out, ...) -> bool``,

@@ -486,6 +486,7 @@ def sce_combine(base, tvs, weights, out):
 
 _BITS = {torch.bfloat16: torch.uint16, torch.float32: torch.uint32}
 KEY = {torch.bfloat16: np.uint16, torch.float32: np.uint32}  # magnitude keys, as the loops take them
+CODE = {torch.bfloat16: "BF16", torch.float32: "F32"}  # the loops' dtypes as safetensors codes
 
 
 def supports(x: torch.Tensor) -> bool:
@@ -503,11 +504,10 @@ def direct_ok(xs: list[torch.Tensor], out: torch.Tensor, work: torch.dtype) -> b
     """Whether a loop can merge ``xs`` as stored straight into ``out``: all stored as
     ``out`` is, as bfloat16 or float32, with D that dtype or float32 over bfloat16 (each
     element widened exactly on load)."""
-    code = {torch.bfloat16: "BF16", torch.float32: "F32"}
     stored = out.dtype if all(x.dtype == out.dtype for x in xs) else None
     cpu = supports(out) and all(supports(x) for x in xs)
     contiguous = out.is_contiguous() and all(x.is_contiguous() for x in xs)  # read and written in place
-    return cpu and contiguous and direct_dtypes(code.get(stored), code.get(work, ""), code[out.dtype])
+    return cpu and contiguous and direct_dtypes(CODE.get(stored), CODE.get(work, ""), CODE[out.dtype])
 
 
 def addresses(xs: list[torch.Tensor]) -> np.ndarray:

@@ -83,6 +83,11 @@ def _prunes(density: float | None) -> bool:
     return density is not None and density < 1
 
 
+def _pruned(preset, others, density) -> bool:
+    """Whether any fine-tune of ``others`` is pruned (else gta is one compiled combine pass)."""
+    return preset.sparsifier is not None and any(_prunes(density[m]) for m in others)
+
+
 def gta_fold(i: int, acc, xs, *, ctx, stats, base_index, weight, normalize, rescale=False, density=None,
              gamma=None, epsilon=None, int8_mask=False, rescale_mode="l1", **shared):  # fmt: skip
     """Statistics pass ``i`` over one more block of a run: histograms for the magnitude
@@ -343,7 +348,7 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
     unweighted = preset.consensus == "sum" and sign_election == "unweighted"
     fast = fused.supports(base) and fast_combine_exact(base.dtype, len(others)) and not unweighted
     contiguous = all(x.is_contiguous() for x in xs)  # the loop takes the models' addresses
-    if fast and contiguous and all(preset.sparsifier is None or not _prunes(density[m]) for m in others):
+    if fast and contiguous and not _pruned(preset, others, density):
         # nothing pruned: one compiled pass, no deltas array
         return _combine_fused(base, [xs[m] for m in others], weights, preset.consensus, normalize, lam)
     deltas = base.new_empty((len(others), *base.shape))  # (n_models, *block)
@@ -443,10 +448,9 @@ def gta_direct(xs, out, *, ctx, base_index, weight, normalize, density=None, sig
     no conversion to D and no copy after. False (nothing written) where ``gta`` must run."""
     others = _others(xs, base_index)
     preset = GTA[ctx.method]
-    pruned = preset.sparsifier is not None and any(_prunes(density[m]) for m in others)
     unweighted = preset.consensus == "sum" and sign_election == "unweighted"
     work = ctx.work_dtype
-    if pruned or unweighted or not others or not fused.direct_ok(xs, out, work):
+    if _pruned(preset, others, density) or unweighted or not others or not fused.direct_ok(xs, out, work):
         return False
     if not fast_combine_exact(work, len(others)):
         return False
@@ -520,8 +524,7 @@ def combine_eager(base, deltas, weights, consensus, normalize, lam, weighted_ele
 def fast_combine_exact(dtype: torch.dtype, n_models: int) -> bool:
     """Whether ``fused.combine`` reproduces ``combine_eager``: it adds the models in order
     into fp32, as torch's ``sum(dim=0)`` does up to ``spec.FUSED_COMBINE_MODELS``."""
-    code = {torch.float32: "F32", torch.bfloat16: "BF16"}.get(dtype)
-    return n_models <= FUSED_COMBINE_MODELS.get(code, 0)
+    return n_models <= FUSED_COMBINE_MODELS.get(fused.CODE.get(dtype), 0)
 
 
 for _name in GTA:
