@@ -16,7 +16,10 @@ The package reads like the pipeline (DESIGN.md §1)::
       layers    layer stacks in tensor names; slices -> renumbered output tensors, t
       problems  input problems (architecture, layers, tensors, filters) grouped, all at once
     methods/    torch-free specs + pure torch kernels, one module per family
-      fused     compiled (numba) CPU loops for the task-arithmetic family, bit-identical
+      fused     compiled (numba) CPU loops for the task-arithmetic family, bit-identical;
+                torch-free (tensors: torch tensors as the loops take them)
+      direct    linear/task_arithmetic jobs as one loop from the stored bytes: no torch
+      parallel  a block's parts on every core (--threads), the same bits for any count
     execute     run a plan chunk by chunk within --max-memory (reader/compute/writer)
     write       OUT.partial/, pwrite at planned offsets, manifest, atomic rename
     integrity   verify: re-hash a finished merge against its manifest (and a config)

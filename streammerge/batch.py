@@ -21,12 +21,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .batch_pass import Slot, run_group
 from .config import MergeConfig, from_dict, load_config
 from .errors import ConfigError, OutputError, StreamMergeError
 from .execute import MergeSummary, _device, peak_rss
+from .methods import parallel
 from .plan import DEFAULT_SHARD_NBYTES, Plan, default_max_memory, make_plan
 from .polite import UNLIMITED, IoLimits, be_nice
 from .write import OutputWriter
@@ -128,7 +127,7 @@ def run_batch(
     if io.nice:
         be_nice()
     if threads:
-        torch.set_num_threads(threads)
+        parallel.set_threads(threads)
     root = Path(out_root)
     root.mkdir(parents=True, exist_ok=True)
     budget = max_memory or default_max_memory()

@@ -23,13 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-import torch
 
 from .checkpoint import Reader
 from .derive import read_derived
 from .errors import BudgetError, StreamMergeError
 from .execute import ALL, COMBINE, _get, _JobRun, _put, _schedule_job
 from .header import ITEMSIZE
+from .methods import parallel
 from .plan import Job, Plan, _streaming, compute_block, compute_scratch
 from .polite import IoLimits
 from .write import OutputWriter
@@ -45,7 +45,7 @@ class Slot:
     name: str
     plan: Plan
     writer: OutputWriter
-    dev: torch.device
+    dev: str  # cpu or cuda
     started: float
     start_rss: int
     error: str | None = None
@@ -65,12 +65,12 @@ class _Read:
     end: int
 
 
-def workers_for(slots: list[Slot], dev: torch.device, threads: int | None) -> int:
+def workers_for(slots: list[Slot], dev: str, threads: int | None) -> int:
     """Compute threads for a group: one per member up to ``threads`` (torch's count by
     default); 1 (torch's own threads) on a GPU, where kernels are queued, not run."""
-    if dev.type != "cpu":
+    if dev != "cpu":
         return 1
-    return max(1, min(len(slots), threads or torch.get_num_threads()))
+    return max(1, min(len(slots), threads or parallel.thread_count()))
 
 
 def streams(slots: list[Slot], budget: int, workers: int = 1):
@@ -311,8 +311,7 @@ class _Crew:
             self.pool = ThreadPoolExecutor(
                 workers,
                 thread_name_prefix="sm-batch-compute",
-                initializer=torch.set_num_threads,
-                initargs=(1,),
+                initializer=parallel.single,
             )
 
     def run(self, lanes: list[list[Callable]]) -> None:

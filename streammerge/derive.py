@@ -88,9 +88,9 @@ def read_derived(reader, ref, start: int, stop: int, out) -> None:
     ``ref.dtype``) with elements ``[start, stop)`` of the derived tensor ``ref``."""
     import torch
 
-    from .execute import TORCH_DTYPES
+    from .methods.tensors import DTYPES
 
-    dst = torch.from_numpy(out).view(TORCH_DTYPES[ref.dtype])
+    dst = torch.from_numpy(out).view(DTYPES[ref.dtype])
     d = ref.derive
     if isinstance(d, Dequant):
         _dequant(reader, d, ref.shape, start, stop, dst)
@@ -107,12 +107,12 @@ def _read(reader, ref, start: int, stop: int):
     import numpy as np
     import torch
 
-    from .execute import TORCH_DTYPES
     from .header import ITEMSIZE
+    from .methods.tensors import DTYPES
 
     buf = np.empty((stop - start) * ITEMSIZE[ref.dtype], np.uint8)
     reader.read(ref, start, stop, memoryview(buf))
-    return torch.from_numpy(buf).view(TORCH_DTYPES[ref.dtype])
+    return torch.from_numpy(buf).view(DTYPES[ref.dtype])
 
 
 def _whole(reader, ref):
@@ -148,10 +148,10 @@ def _dequant(reader, d: Dequant, shape, start, stop, dst) -> None:
 
 def _lora(reader, ref, d: Lora, start, stop, dst) -> None:
 
-    from .execute import TORCH_DTYPES
+    from .methods.tensors import DTYPES
 
     cols = ref.shape[-1]
-    lora_dtype = TORCH_DTYPES[d.b.dtype]
+    lora_dtype = DTYPES[d.b.dtype]
     a = _whole(reader, d.a).float()
     b = _whole(reader, d.b).float()
     if d.embedding:  # delta = (B @ A).T: row k is A[:, k] @ B.T
@@ -181,10 +181,10 @@ def _read_plain_into(reader, ref, start, stop, dst) -> None:
 
 
 def _rowmap(reader, ref, d: RowMap, start, stop, dst) -> None:
-    from .execute import TORCH_DTYPES
+    from .methods.tensors import DTYPES
 
     hidden = math.prod(ref.shape[1:])
-    work = TORCH_DTYPES[d.dtype]
+    work = DTYPES[d.dtype]
     defaults = dict(d.defaults)
     pad_mean = None
     k, last = start // hidden, -(-stop // hidden)

@@ -7,7 +7,8 @@ other set block by block into one of two write buffers (straight from the read b
 where the kernel has a ``direct`` path, else converting each block to D and the result
 back), and a writer thread ``pwrite``s the previous buffer at its planned offset and
 hashes it. The buffers are exactly the plan's ``Estimate``; nothing grows with model size.
-Kernels are elementwise, so any chunk or block size gives the same bytes.
+Kernels are elementwise, so any chunk or block size gives the same bytes. Bit copies and
+jobs with a ``direct.loop`` never touch torch: a merge made only of them does not load it.
 
 With ``--device cuda`` the buffers are pinned, each chunk crosses to the GPU whole and its
 result comes back whole (``_JobRun._combine_on_device``); statistics passes stay on the CPU,
@@ -30,28 +31,24 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psutil
-import torch
 
 from .checkpoint import Reader
 from .derive import read_derived
 from .errors import Interrupted, StreamMergeError, WriteError
 from .header import ITEMSIZE
-from .methods import SPECS, BlockContext, Scope, get_kernel, parallel, row_elems
+from .methods import SPECS, BlockContext, Scope, direct, get_kernel, parallel, row_elems
 from .plan import BLOCK_ELEMS, DEFAULT_SHARD_NBYTES, Job, Plan, copies, fold_window, make_plan
 from .polite import UNLIMITED, IoLimits, be_nice
 from .write import OutputWriter
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import torch
 
-TORCH_DTYPES = {
-    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32,
-    "U64": torch.uint64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
+log = logging.getLogger(__name__)
 _ALIGN = 64  # byte alignment of each input's region inside a read set
 MAP_INPUTS = True  # read inputs through mmap (False: preadv copies into the read sets)
 DEVICE_BLOCK_ELEMS = 1 << 24  # a GPU block: ~30 words of temporaries per element stay < 2 GiB
@@ -137,7 +134,7 @@ def merge(
     )
     dev = _device(device)
     if threads:
-        torch.set_num_threads(threads)
+        parallel.set_threads(threads)
     writer = OutputWriter(Path(out), plan, force=force, resume=resume, copy_tokenizer=copy_tokenizer)
     if not writer.complete:
         _run_and_commit(plan, writer, dev, progress, io)
@@ -157,7 +154,7 @@ def merge(
 
 
 def _run_and_commit(
-    plan: Plan, writer: OutputWriter, dev: torch.device, progress: bool, io: IoLimits = UNLIMITED
+    plan: Plan, writer: OutputWriter, dev: str, progress: bool, io: IoLimits = UNLIMITED
 ) -> None:
     """Run and commit; on any failure keep what is durable for ``--resume``. SIGTERM is
     handled like Ctrl-C: the tensor in flight is abandoned, the journal flushed."""
@@ -213,14 +210,20 @@ def peak_rss() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise StreamMergeError("--device cuda: no CUDA device is available (torch sees none)")
-    if name not in ("cpu", "cuda"):
+def _device(name: str) -> str:
+    """``cpu`` or ``cuda`` for ``--device`` (``auto``: cuda when torch sees a GPU). Only a GPU
+    loads torch here: a merge of ``direct`` loops on the CPU never does."""
+    if name not in ("cpu", "cuda", "auto"):
         raise StreamMergeError(f"--device: expected cpu, cuda or auto, got {name!r}")
-    return torch.device(name)
+    if name == "cpu":
+        return name
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise StreamMergeError("--device cuda: no CUDA device is available (torch sees none)")
+    return name
 
 
 COMBINE = -1  # phase of a chunk that is merged and written
@@ -252,7 +255,7 @@ class _Failure:
 
 
 def _run(
-    plan: Plan, writer: OutputWriter, dev: torch.device, progress: bool, io: IoLimits = UNLIMITED
+    plan: Plan, writer: OutputWriter, dev: str, progress: bool, io: IoLimits = UNLIMITED
 ) -> dict[str, str]:
     """Run ``plan``'s jobs through ``writer`` (anything with ``write_chunk`` and ``digests``)."""
     est = plan.estimate
@@ -267,7 +270,7 @@ def _run(
     for b in write_bufs:
         free_writes.put(b)
     # inputs are mapped, not copied, except for a GPU (which copies from the pinned read sets)
-    mapping = MAP_INPUTS and dev.type == "cpu"
+    mapping = MAP_INPUTS and dev == "cpu"
     ready: queue.Queue = queue.Queue(maxsize=2)
     to_write: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
@@ -364,11 +367,13 @@ def _run(
     return writer.digests
 
 
-def _buffer(nbytes: int, dev: torch.device) -> np.ndarray:
+def _buffer(nbytes: int, dev: str) -> np.ndarray:
     """A read set or write buffer: page-locked (pinned) for a CUDA device, so whole chunks
     go over PCIe by DMA, without the driver's staging copy; else a private anonymous
     mapping, whose pages ``_release`` can hand back."""
-    if dev.type == "cuda":
+    if dev == "cuda":
+        import torch
+
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()  # the array keeps it alive
     return np.frombuffer(mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)
 
@@ -413,19 +418,25 @@ def _input_views(job: Job, start: int, end: int, buf: np.ndarray) -> list[np.nda
 
 class _JobRun:
     """The executor's state for one tensor: its kernel, finished statistics, the running
-    accumulator of the current pass and the kernel's per-pass ``state`` dict."""
+    accumulator of the current pass and the kernel's per-pass ``state`` dict. A bit copy or
+    a job with a ``direct.loop`` (on the CPU) needs no kernel and no torch."""
 
-    def __init__(self, job: Job, seed: int, dev: torch.device) -> None:
+    def __init__(self, job: Job, seed: int, dev: str) -> None:
         self.job, self.seed, self.dev = job, seed, dev
         self.copy = copies(job)
         if self.copy:  # straight into the output buffer: no kernel, no block temporaries
             self.scale = job.input_params[0].get("scale", 1.0)
             return
+        self.loop = direct.loop(job) if dev == "cpu" else None
+        if self.loop is not None:  # one compiled loop from the read bytes into the output
+            return
+        from .methods.tensors import DTYPES
+
         self.kernel = get_kernel(job.method)
         # straight from the read bytes into the output where the kernel can (CPU only)
-        self.direct = self.kernel.direct if dev.type == "cpu" else None
+        self.direct = self.kernel.direct if dev == "cpu" else None
         self.params = _kernel_args(job)
-        self.work = TORCH_DTYPES[job.work_dtype]
+        self.work = DTYPES[job.work_dtype]
         self.stats: list = []
         self.acc = None
         self.state: dict = {}
@@ -436,7 +447,11 @@ class _JobRun:
             yield start + s, self._block(xs, s, min(end - start, s + step))
 
     def _raw(self, views: list[np.ndarray]) -> list[torch.Tensor]:
-        return [torch.from_numpy(v).view(TORCH_DTYPES[r.dtype]) for v, r in zip(views, self.job.inputs)]
+        import torch
+
+        from .methods.tensors import DTYPES
+
+        return [torch.from_numpy(v).view(DTYPES[r.dtype]) for v, r in zip(views, self.job.inputs)]
 
     def _block(self, xs: list[torch.Tensor], s: int, e: int) -> list[torch.Tensor]:
         return [x[s:e].to(dtype=self.work) for x in xs]
@@ -489,9 +504,12 @@ class _JobRun:
             if self.scale == 1.0:
                 out[:] = views[0]  # bit copy: no dtype round trip
             else:
-                from .methods.passthrough import scale_into
+                import torch
 
-                dtype = TORCH_DTYPES[self.job.out_dtype]
+                from .methods.passthrough import scale_into
+                from .methods.tensors import DTYPES
+
+                dtype = DTYPES[self.job.out_dtype]
                 scale_into(
                     torch.from_numpy(views[0]).view(dtype), self.scale, torch.from_numpy(out).view(dtype)
                 )
@@ -499,18 +517,33 @@ class _JobRun:
         if start == 0:
             self.state = {}
         end = start + out.nbytes // ITEMSIZE[self.job.out_dtype]
-        out_all = torch.from_numpy(out).view(TORCH_DTYPES[self.job.out_dtype])
-        if self._staged():
-            return self._combine_on_device(views, start, end, out_all)
+        if self.loop is not None:  # the inputs' and the output's bits, as numpy integers
+            xs = [v.view(direct.BITS[r.dtype]) for v, r in zip(views, self.job.inputs)]
+            bits = out.view(direct.BITS[self.job.out_dtype])
+
+            def merge_block(s: int, e: int) -> None:
+                self.loop([x[s:e] for x in xs], bits[s:e])
+        else:
+            import torch
+
+            from .methods.tensors import DTYPES
+
+            out_all = torch.from_numpy(out).view(DTYPES[self.job.out_dtype])
+            if self._staged():
+                return self._combine_on_device(views, start, end, out_all)
+            raw = self._raw(views)
+
+            def merge_block(s: int, e: int) -> None:
+                self._merge_block(raw, s, e, start, out_all)
+
         step, window = self._combine_step()
+        blocks = range(0, end - start, step)
         if window < 2:  # blocks in order, each split across the cores by the kernel
-            return self._combine_in_order(self._raw(views), start, end, step, out_all)
-        raw = self._raw(views)
-
-        def combine_block(s: int) -> None:  # a whole block per core: no barrier inside a block
-            self._merge_block(raw, s, min(end - start, s + step), start, out_all)
-
-        for _ in parallel.map_ordered(combine_block, range(0, end - start, step), window):
+            for s in blocks:
+                merge_block(s, min(end - start, s + step))
+            return
+        # a whole block per core: no barrier inside a block
+        for _ in parallel.map_ordered(lambda s: merge_block(s, min(end - start, s + step)), blocks, window):
             pass
 
     def _merge_block(self, raw: list[torch.Tensor], s: int, e: int, start: int, out: torch.Tensor) -> None:
@@ -527,11 +560,13 @@ class _JobRun:
         """The chunk crosses to the device whole, one copy per input (asynchronous from the
         pinned read set), its blocks run there in order as slices of it (the device is the
         parallelism: no host threads), and the result comes back whole into ``out``."""
+        import torch
+
         xs = [x.to(self.dev, non_blocking=True) for x in self._raw(views)]
         result = torch.empty(end - start, dtype=out.dtype, device=self.dev)
         self._combine_in_order(xs, start, end, self._device_step(), result)
         out.copy_(result, non_blocking=True)
-        if self.dev.type == "cuda":  # the read set and ``out`` are handed on after this returns
+        if self.dev == "cuda":  # the read set and ``out`` are handed on after this returns
             torch.cuda.current_stream(self.dev).synchronize()
 
     def _combine_in_order(
@@ -543,7 +578,7 @@ class _JobRun:
 
     def _staged(self) -> bool:
         """Whether the combine runs on whole chunks staged on a device (not the CPU path)."""
-        return self.dev.type != "cpu"
+        return self.dev != "cpu"
 
     def _device_step(self) -> int:
         """A device block: the plan's block (whole rows for row-wise methods) times as many as
@@ -554,8 +589,8 @@ class _JobRun:
     def _combine_step(self) -> tuple[int, int]:
         """(block, blocks at once): the plan's block split in one part per thread, whole rows
         for row-wise methods, when the kernel needs no order (it keeps no ``state``)."""
-        block, threads = self.job.block_elems, torch.get_num_threads()
-        if self.kernel.ordered or threads < 2:
+        block, threads = self.job.block_elems, parallel.thread_count()
+        if (self.loop is None and self.kernel.ordered) or threads < 2:
             return block, 1
         unit = row_elems(self.job.shape) if SPECS[self.job.method].rows(self.job.shared_params) else 1
         step = max(block // threads, parallel.MIN_PART) // unit * unit
@@ -586,13 +621,16 @@ def merge_tensors(
     """
     from dataclasses import replace
 
+    import torch
+
     from .checkpoint import TensorRef
+    from .methods.tensors import DTYPES
     from .plan import _streaming
 
     spec = SPECS[method]
 
     def code_of(dt: torch.dtype) -> str:
-        return next(c for c, d in TORCH_DTYPES.items() if d == dt)
+        return next(c for c, d in DTYPES.items() if d == dt)
 
     code = code_of(xs[0].dtype)
     work, out_code = code_of(dtype or xs[0].dtype), code_of(out_dtype or dtype or xs[0].dtype)
@@ -616,7 +654,7 @@ def merge_tensors(
     raw = [x.contiguous().reshape(-1).view(torch.uint8).numpy() for x in xs]
     out_item = ITEMSIZE[out_code]
     out = np.empty(n * out_item, np.uint8)
-    run = _JobRun(job, seed, torch.device("cpu"))
+    run = _JobRun(job, seed, "cpu")
     item = xs[0].element_size()
     for _, phase, start, end in _schedule_job(job):
         views = [r[start * item : end * item] for r in raw]
@@ -627,7 +665,7 @@ def merge_tensors(
             for i in range(job.passes):
                 run.fold(i, views, start, end)
         run.combine(views, start, out[start * out_item : end * out_item])
-    return torch.from_numpy(out).view(TORCH_DTYPES[out_code]).reshape(shape)
+    return torch.from_numpy(out).view(DTYPES[out_code]).reshape(shape)
 
 
 @functools.cache

@@ -23,7 +23,7 @@ from .digest import DIGEST
 from .errors import BudgetError, CheckpointError, Collector
 from .header import FLOAT_DTYPES, ITEMSIZE, encode_header
 from .layers import Route, config_updates, routes
-from .methods import SPECS, row_elems
+from .methods import GTA, SPECS, row_elems
 from .params import value_problems
 from .problems import Findings, architecture_problems, extra_tensor_problems, unmatched_filters
 from .vocab import TOKEN_TENSORS, VocabPlan, apply_tokenizer, resolve_template, tie_lm_head
@@ -40,13 +40,16 @@ HEAP_SLACK_WORDS = 8
 # Blocks of many sizes (each tensor's last) fragment the heap by a further 7-9 MiB at any
 # budget (measured at 16-64 MiB): part of the runtime, beside --max-memory.
 HEAP_FIXED_NBYTES = 8 << 20
-# Resident memory of the runtime before any merge: the interpreter, numpy, torch (CPU build
-# 2.13), numba with the compiled loops (~130 MiB of it, mostly LLVM) and our modules with
-# the CLI, measured on Linux x86-64 at 354 MiB; --max-memory comes on top.
-RUNTIME_NBYTES = 356 << 20
-# The kernels' share of it: a plan that only copies (``copies``) never loads them
-# (measured: 227 MiB after importing the executor and the CLI, 354 MiB with every kernel module).
-KERNELS_NBYTES = 128 << 20
+# Resident memory of the runtime before any merge: the interpreter, numpy, numba with the
+# compiled loops (~110 MiB of it, mostly LLVM) and our modules with the CLI, measured on
+# Linux x86-64 at 150 MiB (36 MiB before the executor); --max-memory comes on top.
+RUNTIME_NBYTES = 152 << 20
+# torch (CPU build 2.13) and the kernel modules on top of it, loaded only when a job needs
+# them (``torch_free``): measured at 355 MiB in all.
+TORCH_NBYTES = 204 << 20
+# torch sums up to this many float32 values in order (beyond, its vectorized sum has an
+# order of its own): linear's divisor is made without torch only up to here
+IN_ORDER_SUM = 4
 STAT_SLACK_WORDS = 6  # statistics folds: few, block-sized temporaries
 MIN_MAX_MEMORY = 8 << 20
 
@@ -118,7 +121,7 @@ class Estimate:
     read_nbytes: int  # input bytes read over the whole merge
     write_nbytes: int  # output bytes written
     derive_nbytes: int = 0  # reader-thread scratch for inputs computed on read (derive)
-    kernels: bool = True  # some job runs a kernel (else every job copies: no kernel modules)
+    torch: bool = True  # some job runs a torch kernel (``torch_free``)
 
     @property
     def peak_nbytes(self) -> int:
@@ -128,12 +131,11 @@ class Estimate:
 
     @property
     def peak_rss_nbytes(self) -> int:
-        """The whole process: the runtime (interpreter, numpy, torch, numba), the heap's
-        fragmentation, and the buffers. A plan that only copies loads no kernels and makes
-        no block temporaries."""
-        if not self.kernels:
-            return RUNTIME_NBYTES - KERNELS_NBYTES + self.peak_nbytes
-        return RUNTIME_NBYTES + HEAP_FIXED_NBYTES + self.peak_nbytes
+        """The whole process on the CPU: the runtime (interpreter, numpy, numba), torch where
+        a job runs a torch kernel (``torch_free``), the heap's fragmentation where jobs make
+        block temporaries, and the buffers."""
+        heap = HEAP_FIXED_NBYTES if self.scratch_nbytes else 0
+        return RUNTIME_NBYTES + (TORCH_NBYTES if self.torch else 0) + heap + self.peak_nbytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,7 +399,7 @@ def _estimate(jobs: tuple[Job, ...], budget: int) -> Estimate:
     estimate = Estimate(
         budget, chunk, block, read_set, write_buf, scratch,
         read_nbytes=reads, write_nbytes=sum(j.out_nbytes for j in jobs), derive_nbytes=derive,
-        kernels=not all(copies(j) for j in jobs),
+        torch=not all(torch_free(j) for j in jobs),
     )  # fmt: skip
     return estimate, jobs
 
@@ -445,17 +447,34 @@ def copies(j: Job) -> bool:
     return same and (j.input_params[0]["scale"] == 1.0 or j.work_dtype == j.out_dtype)
 
 
-def _scratch_words(j: Job) -> tuple[int, int]:
-    """(words, heap slack words) per block element."""
-    if copies(j):
-        return 0, 0
+def direct(j: Job) -> bool:
+    """Whether ``j``'s combine runs straight from the read sets into the write buffer, with
+    no block temporaries (``MethodSpec.direct``; statistics passes would need scratch)."""
+    if j.method not in SPECS:
+        return False
     spec = SPECS[j.method]
     stored = {t.dtype for t in j.inputs}
     one = stored.pop() if len(stored) == 1 else None
-    if not spec.passes(j.work_dtype, j.shared_params) and spec.direct(
-        one, j.work_dtype, j.out_dtype, j.shared_params, j.input_params
-    ):
-        return 0, 0  # straight from the read sets into the write buffer (statistics would need scratch)
+    passes = spec.passes(j.work_dtype, j.shared_params)
+    return not passes and spec.direct(one, j.work_dtype, j.out_dtype, j.shared_params, j.input_params)
+
+
+def torch_free(j: Job) -> bool:
+    """Whether ``j`` runs without torch on the CPU: a bit copy, or a direct job of linear
+    or the gta family (``methods.direct``'s loops), but linear normalizing more weights than
+    torch sums in order."""
+    if copies(j):
+        return j.method == COPY or j.input_params[0]["scale"] == 1.0
+    if not direct(j) or j.method not in ("linear", *GTA):
+        return False
+    return j.method != "linear" or not j.shared_params.get("normalize", True) or len(j.inputs) <= IN_ORDER_SUM
+
+
+def _scratch_words(j: Job) -> tuple[int, int]:
+    """(words, heap slack words) per block element."""
+    if copies(j) or direct(j):
+        return 0, 0
+    spec = SPECS[j.method]
     compiled = spec.compiled(j.work_dtype, j.shared_params, len(j.inputs))
     per_input, fixed = compiled or (spec.scratch_per_input, spec.scratch_fixed)
     return per_input * len(j.inputs) + fixed, HEAP_SLACK_WORDS

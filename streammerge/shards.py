@@ -260,9 +260,9 @@ def run_shard(plan: Plan, out: str | os.PathLike, index: int, options: ShardOpti
     if options.io.nice:
         be_nice()
     if options.threads:
-        import torch
+        from .methods import parallel
 
-        torch.set_num_threads(options.threads)
+        parallel.set_threads(options.threads)
     started, start_rss = time.perf_counter(), _rss()
     sub = replace(plan, jobs=tuple(j for j in plan.jobs if j.shard == index))
     (work.root / "tmp").mkdir(parents=True, exist_ok=True)

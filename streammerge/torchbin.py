@@ -56,9 +56,9 @@ def read_bin(path: Path) -> dict[str, TensorRef]:
     """The tensors of one ``torch.save`` file, in its own order, as file ranges."""
     import torch
 
-    from .execute import TORCH_DTYPES
+    from .methods.tensors import DTYPES
 
-    codes = {d: c for c, d in TORCH_DTYPES.items()}
+    codes = {d: c for c, d in DTYPES.items()}
     records = _records(path)
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)

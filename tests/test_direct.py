@@ -1,10 +1,11 @@
-"""Kernels that merge straight from the read bytes (``Kernel.direct``) give the bits of the
-usual path: each input converted to D, combined, the result converted to the output dtype.
+"""Merges straight from the read bytes give the bits of the usual path: each input
+converted to D, combined, the result converted to the output dtype.
 
-linear and the gta family with nothing pruned (task_arithmetic; ties and dare at density 1)
-run their compiled loop on the inputs as stored and write the output dtype, model_stock
-where inputs, D and output are one dtype; every other case must decline (write nothing)
-and leave the block to the usual path. Special values
+linear and the gta family with nothing pruned and no statistics pass (task_arithmetic; dare
+at density 1 without rescaling) run their compiled loop on the inputs as stored, without torch (``direct.loop``), and write
+the output dtype; model_stock's kernel does (``Kernel.direct``) where inputs, D and output
+are one dtype; every other case must decline (write nothing) and leave the block to the
+usual path. Special values
 (NaN, infinities, signed zeros, subnormals, bfloat16 rounding ties) sit at the start and in
 the last, partial tile and vector of each block.
 """
@@ -13,11 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
 import streammerge.execute as ex
+from streammerge.methods import direct, parallel
 
 BF16, F32 = torch.bfloat16, torch.float32
 SPECIAL = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -3e-39, 3e38, 1.00390625, 1.01171875]
@@ -27,6 +32,7 @@ DTYPES = [(BF16, BF16, BF16), (BF16, F32, BF16), (F32, F32, F32), (BF16, F32, F3
           (BF16, BF16, F32), (F32, F32, BF16)]  # fmt: skip
 DIRECT = {(BF16, BF16, BF16), (BF16, F32, BF16), (F32, F32, F32)}
 SAME = {(BF16, BF16, BF16), (F32, F32, F32)}  # one dtype throughout
+CODES = {BF16: "BF16", F32: "F32"}
 
 # (method, parameters, the dtype triples where it runs direct)
 METHODS = [
@@ -34,8 +40,10 @@ METHODS = [
     ("linear", {"weight": [1.0, -0.3, 0.7], "normalize": False}, DIRECT),
     ("task_arithmetic", {"weight": [1.0, 0.6, None], "lambda": 0.8}, DIRECT),
     ("task_arithmetic", {"weight": [0.3, 0.3, None], "normalize": True}, DIRECT),
-    ("ties", {"weight": [1.0, 0.5, None], "density": [1.0, 1.0, None]}, DIRECT),
-    ("dare_linear", {"weight": [0.7, 0.5, None], "density": [1.0, 1.0, None]}, DIRECT),
+    # nothing pruned but statistics passes planned (ties' threshold, dare's L1 rescale): no loop
+    ("ties", {"weight": [1.0, 0.5, None], "density": [1.0, 1.0, None]}, set()),
+    ("dare_linear", {"weight": [0.7, 0.5, None], "density": [1.0, 1.0, None]}, set()),
+    ("dare_linear", {"weight": [0.7, 0.5, None], "density": [1.0, 1.0, None], "rescale": False}, DIRECT),
     ("ties", {"weight": [1.0, 0.5, None], "density": [0.5, 1.0, None]}, set()),  # prunes: declines
     ("model_stock", {}, SAME),  # its loop rounds to the inputs' dtype
 ]
@@ -65,27 +73,103 @@ def test_direct_gives_the_bits_of_convert_combine_convert(
     kwargs = dict(
         params, base_index=base_index, dtype=work, out_dtype=out, chunk_elems=1 << 15, block_elems=1 << 14
     )
-    real = ex.get_kernel
-    ran: list[bool] = []
+    real_kernel, real_loop = ex.get_kernel, direct.loop
+    ran: list[bool] = []  # per block, whether the kernel's direct ran
+    made: list[bool] = []  # per job, whether a loop was made
 
     def spied(name):
-        k = real(name)
+        k = real_kernel(name)
+        if k.direct is None:
+            return k
 
         @functools.wraps(k.direct)  # the executor passes what its signature asks for
-        def direct(*a, **kw):
+        def spy(*a, **kw):
             ran.append(k.direct(*a, **kw))
             return ran[-1]
 
-        return dataclasses.replace(k, direct=direct)
+        return dataclasses.replace(k, direct=spy)
+
+    def loop(job):
+        made.append(real_loop(job) is not None)
+        return real_loop(job)
 
     monkeypatch.setattr(ex, "get_kernel", spied)
+    monkeypatch.setattr(direct, "loop", loop)
     got = ex.merge_tensors(method, xs, **kwargs)
-    assert ran and all(r == ((stored, work, out) in can) for r in ran), ran
-    monkeypatch.setattr(ex, "get_kernel", lambda name: dataclasses.replace(real(name), direct=None))
+    expected = (stored, work, out) in can
+    if method == "model_stock":  # the kernel's direct, block by block
+        assert made == [False] and ran and all(r == expected for r in ran), (made, ran)
+    else:  # the job's loop
+        assert made == [expected] and not ran, (made, ran)
+    monkeypatch.setattr(ex, "get_kernel", lambda name: dataclasses.replace(real_kernel(name), direct=None))
+    monkeypatch.setattr(direct, "loop", lambda job: None)
     want = ex.merge_tensors(method, xs, **kwargs)
     assert got.dtype == want.dtype == out
     bits = torch.int16 if out == BF16 else torch.int32
     assert torch.equal(got.view(bits), want.view(bits))
+
+
+def _weights(seed: int, n: int) -> list[float]:
+    """Weights as configs have them (short decimals) and as they never are (any double, some
+    on bfloat16 rounding ties, sums near zero)."""
+    rng = np.random.default_rng(seed)
+    kind = seed % 4
+    if kind == 0:
+        return [round(float(w), 2) for w in rng.uniform(-1, 1, n)]
+    if kind == 1:
+        return [float(w) for w in rng.standard_normal(n) * 10.0 ** rng.integers(-6, 6, n)]
+    if kind == 2:  # float32 values halfway between two bfloat16s, nudged by less than a float32 ulp
+        ties = (rng.integers(0x3C00, 0x4100, n).astype(np.uint32) << 16) | 0x8000
+        return [float(t) * (1 + float(e)) for t, e in zip(ties.view(np.float32), rng.uniform(-1e-9, 1e-9, n))]
+    w = [float(v) for v in rng.uniform(0.1, 1, n)]
+    return [*w[:-1], -sum(w[:-1]) + float(rng.uniform(-1e-7, 1e-7))]
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_scalars_are_rounded_and_summed_as_torch_does(n):
+    """The loops' scalars, made without torch, are the kernels' torch scalars bit for bit:
+    linear's float32 weight sum (in order up to ``IN_ORDER_SUM``, torch's own beyond), gta's
+    weights in D and its divisor (float32 cumsum rounded to D, 1 under 1e-8 or for "sum")."""
+    for seed in range(400):
+        weights = _weights(seed, n)
+        c = torch.tensor(weights, dtype=torch.float32)
+        divisor = direct.linear_divisor(c.numpy(), True)
+        assert np.float32(divisor).view(np.uint32) == c.sum().view(torch.int32).item() & 0xFFFFFFFF
+        assert direct.linear_divisor(c.numpy(), False) is None
+        for work in (BF16, F32):
+            w = torch.tensor(weights, dtype=work)
+            total = w.float().cumsum(0)[-1:].to(work).float().item()
+            for consensus in (None, "sum"):
+                want = 1.0 if consensus == "sum" or abs(total) < 1e-8 else total
+                got_w, got_divisor = direct.gta_scalars(weights, CODES[work], consensus)
+                assert np.array_equal(got_w.view(np.uint32), w.float().numpy().view(np.uint32)), (
+                    seed,
+                    weights,
+                )
+                assert np.float32(want).view(np.uint32) == got_divisor.view(np.uint32), (seed, weights)
+
+
+def test_a_merge_of_loops_and_copies_never_imports_torch(tiny, tmp_path):
+    """linear and task_arithmetic over bfloat16 (and the copied non-float buffers) run with
+    no torch in the process; a method with no loop here brings it in."""
+    probe = (
+        "import sys; from streammerge.execute import merge; merge(sys.argv[1], sys.argv[2]);"
+        "print('torch' in sys.modules)"
+    )
+    for method, loads in (("linear", False), ("task_arithmetic", False), ("slerp", True)):
+        cfg = tmp_path / f"{method}.yml"
+        each, shared = ("{}", "{t: 0.3}") if method == "slerp" else ("{weight: 0.5}", "{}")
+        cfg.write_text(
+            f"merge_method: {method}\nbase_model: {tiny['base']}\nmodels:\n"
+            f"  - model: {tiny['ft1']}\n    parameters: {each}\n"
+            f"  - model: {tiny['base']}\n    parameters: {each}\n"
+            f"parameters: {shared}\ndtype: bfloat16\n"
+        )
+        r = subprocess.run(
+            [sys.executable, "-c", probe, str(cfg), str(tmp_path / method)], capture_output=True, text=True
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split()[-1] == str(loads), (method, r.stdout)
 
 
 @pytest.mark.parametrize(("method", "params"), [
@@ -149,7 +233,7 @@ def test_folding_a_span_is_folding_its_blocks_one_by_one(monkeypatch, dtype, met
         return dataclasses.replace(k, fold=fold)
 
     monkeypatch.setattr(ex, "get_kernel", spied)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # runs of several blocks, as on 2 cores
+    monkeypatch.setattr(parallel, "_count", 2)  # runs of several blocks, as on 2 cores
     spans = ex.merge_tensors(method, xs, **kwargs)
     assert any(spanned)
     monkeypatch.setattr(ex, "get_kernel", lambda name: dataclasses.replace(real(name), spans=False))

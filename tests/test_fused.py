@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from streammerge.methods import fused, select
+from streammerge.methods import direct, fused, select, tensors
 from streammerge.methods.rng import stream_key, uniform_bits24
 
 bf16, f32 = torch.bfloat16, torch.float32
@@ -49,17 +49,17 @@ def test_prune_window_is_keep_window_then_the_mask_in_any_blocks(dtype, earliest
         if scale:
             expect = expect * factor
         spans = [np.array(select.tie_span(b, rank_lo, rank_hi, earliest_high), np.int64) for b in bounds]
-        key = fused.KEY[dtype]
+        key = tensors.KEY[dtype]
         out = torch.empty_like(x)
         seen = np.zeros(2, np.int64)
         for lo, hi in _cuts(n, rank_lo):  # blocks in order, ties carried in ``seen``
-            fused.prune_window(fused.bits(x[lo:hi]), fused.bits(base[lo:hi]), fused.bits(out[lo:hi]),
+            fused.prune_window(tensors.bits(x[lo:hi]), tensors.bits(base[lo:hi]), tensors.bits(out[lo:hi]),
                                key(bounds[0].key), key(bounds[1].key), *spans, seen, scale,
                                np.float32(factor.float()))  # fmt: skip
         assert torch.equal(out.view(torch.uint8), expect.view(torch.uint8)), (rank_lo, rank_hi)
         assert int(np.count_nonzero(mask)) == rank_hi - rank_lo
         counted = np.zeros(2, np.int64)
-        fused.count_ties(fused.bits(x), fused.bits(base), key(bounds[0].key), key(bounds[1].key), counted)
+        fused.count_ties(tensors.bits(x), tensors.bits(base), key(bounds[0].key), key(bounds[1].key), counted)
         assert seen.tolist() == counted.tolist()
         assert sum(expect_seen.values()) == counted.sum()
 
@@ -71,12 +71,12 @@ def test_delta_histogram_is_the_bincount_of_the_keys(dtype):
     shift = 0 if dtype == bf16 else 16
     counts = np.zeros(65536, np.int64)
     for lo, hi in _cuts(x.numel(), 1):
-        fused.delta_histogram(fused.bits(x[lo:hi]), fused.bits(base[lo:hi]), shift, -1, counts)
+        fused.delta_histogram(tensors.bits(x[lo:hi]), tensors.bits(base[lo:hi]), shift, -1, counts)
     assert np.array_equal(counts, select.histogram(keys, shift, None, None))
     if dtype == f32:  # the low 16 bits within one high bin
         high = int(np.argmax(counts))
         low = np.zeros(65536, np.int64)
-        fused.delta_histogram(fused.bits(x), fused.bits(base), 0, high, low)
+        fused.delta_histogram(tensors.bits(x), tensors.bits(base), 0, high, low)
         assert np.array_equal(low, select.histogram(keys, 0, high, None))
         assert low.sum() == counts[high]
 
@@ -95,11 +95,13 @@ def test_prune_random_is_the_keyed_mask(dtype, scale):
         expect = expect * factor
     out = torch.empty_like(x)
     for lo, hi in _cuts(x.numel(), 2):
-        fused.prune_random(fused.bits(x[lo:hi]), fused.bits(base[lo:hi]), fused.bits(out[lo:hi]), key[0],
+        fused.prune_random(tensors.bits(x[lo:hi]), tensors.bits(base[lo:hi]), tensors.bits(out[lo:hi]), key[0],
                            start + lo, threshold, scale, np.float32(factor.float()))  # fmt: skip
     assert torch.equal(out.view(torch.uint8), expect.view(torch.uint8))
     finite = torch.isfinite(delta)
-    before, after = fused.l1_random(fused.bits(x[finite]), fused.bits(base[finite]), key[0], start, threshold)
+    before, after = fused.l1_random(
+        tensors.bits(x[finite]), tensors.bits(base[finite]), key[0], start, threshold
+    )
     assert before == pytest.approx(delta[finite].abs().double().sum().item(), rel=1e-12)
     if not finite.all():
         return
@@ -166,7 +168,8 @@ def test_gta_through_the_compiled_loops_is_the_eager_ops(monkeypatch, dtype, met
         params["density"] = [0.4, 0.7, 0.55, None]
     kwargs = dict(base_index=3, chunk_elems=24_000, block_elems=8_192, name="layers.0.w", seed=3, **params)
     compiled = merge_tensors(method, [*xs, base], **kwargs)
-    monkeypatch.setattr(fused, "supports", lambda x: False)
+    monkeypatch.setattr(tensors, "supports", lambda x: False)
+    monkeypatch.setattr(direct, "loop", lambda job: None)  # no loop straight from the bytes
     eager = merge_tensors(method, [*xs, base], **kwargs)
     assert torch.equal(compiled.view(torch.uint8), eager.view(torch.uint8))
 
@@ -181,7 +184,7 @@ def test_variance_is_torch_var_over_the_model_axis(dtype, rows):
     xs[-1, ::13] = xs[0, ::13]
     xs[0, 3], xs[-1, 4], xs[0, 5] = float("inf"), float("nan"), torch.finfo(dtype).max
     out = torch.empty(xs.shape[1], dtype=dtype)
-    fused.variance(fused.bits(xs).reshape(rows, -1), fused.bits(out))
+    fused.variance(tensors.bits(xs).reshape(rows, -1), tensors.bits(out))
     expect = torch.var(xs, dim=0, unbiased=False)
     assert torch.equal(out.view(torch.uint8), expect.view(torch.uint8))
 
@@ -204,7 +207,7 @@ def test_sce_combine_is_its_eager_ops(dtype, n_models):
         w = torch.tensor(weights, dtype=dtype)
         out = torch.empty_like(base)
         fused.sce_combine(
-            fused.bits(base), fused.bits(tvs).reshape(n_models, -1), w.float().numpy(), fused.bits(out)
+            tensors.bits(base), tensors.bits(tvs).reshape(n_models, -1), w.float().numpy(), tensors.bits(out)
         )
         expect = _combine_eager(base, tvs, w)
         assert torch.equal(out.view(torch.uint8), expect.view(torch.uint8)), weights
@@ -223,6 +226,7 @@ def test_sce_through_the_compiled_loops_is_the_eager_ops(monkeypatch, dtype, top
     ]
     kwargs = dict(base_index=2, chunk_elems=12_000, block_elems=4_096, select_topk=topk)
     compiled = merge_tensors("sce", [*xs, base], **kwargs)
-    monkeypatch.setattr(fused, "supports", lambda x: False)
+    monkeypatch.setattr(tensors, "supports", lambda x: False)
+    monkeypatch.setattr(direct, "loop", lambda job: None)  # no loop straight from the bytes
     eager = merge_tensors("sce", [*xs, base], **kwargs)
     assert torch.equal(compiled.view(torch.uint8), eager.view(torch.uint8))

@@ -150,17 +150,19 @@ def test_combine_never_runs_blocks_larger_than_the_plan_counts(small, tmp_path, 
 
     import streammerge
     from streammerge.execute import _JobRun
+    from streammerge.methods import parallel
 
     cfg = write_config(tmp_path / "m.yml", linear_config(small))
     old = torch.get_num_threads()
-    torch.set_num_threads(2)
+    parallel.set_threads(2)
     try:
         for job in streammerge.plan(cfg, max_memory=budget).jobs:
-            run = _JobRun(job, 0, torch.device("cpu"))
+            run = _JobRun(job, 0, "cpu")
             if run.copy:
                 continue
             step, window = run._combine_step()
             assert step <= job.block_elems, (job.name, step, job.block_elems)
             assert window >= 2 or step == job.block_elems, (job.name, step, window)
     finally:
+        parallel.set_threads(None)
         torch.set_num_threads(old)

@@ -379,12 +379,13 @@ def test_methods_are_chunk_and_thread_invariant(method, filter_wise, dtype, monk
     old = torch.get_num_threads()
     try:
         for threads, chunk, block in [(1, 70_000, 1 << 14), (2, 130_000, 1 << 16), (2, 1 << 21, 1 << 20)]:
-            torch.set_num_threads(threads)
+            parallel.set_threads(threads)
             part = merge_tensors(
                 method, xs, base_index=base, seed=1, chunk_elems=chunk, block_elems=block, **kwargs
             )
             assert torch.equal(part.view(torch.uint8), whole.view(torch.uint8)), (threads, chunk, block)
     finally:
+        parallel.set_threads(None)
         torch.set_num_threads(old)
 
 

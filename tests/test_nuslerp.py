@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from streammerge.execute import merge_tensors
-from streammerge.methods import fused, parallel
+from streammerge.methods import direct, parallel, tensors
 
 bf16, f32 = torch.bfloat16, torch.float32
 MODES = {
@@ -58,7 +58,8 @@ def _same(a, b) -> bool:
 def test_compiled_loops_are_the_eager_ops(dtype, mode, shape, with_base, monkeypatch):
     xs, base = _inputs(shape, dtype, seed=len(shape) + shape[0], with_base=with_base)
     compiled = _merge(xs, base, mode)
-    monkeypatch.setattr(fused, "supports", lambda x: False)
+    monkeypatch.setattr(tensors, "supports", lambda x: False)
+    monkeypatch.setattr(direct, "loop", lambda job: None)  # no loop straight from the bytes
     eager = _merge(xs, base, mode)
     assert _same(compiled, eager), (mode, shape)
 
@@ -73,10 +74,11 @@ def test_statistics_runs_join_in_block_order(mode, shape, monkeypatch):
     old = torch.get_num_threads()
     try:
         for threads, chunk, block in [(1, 70_000, 1 << 14), (2, 140_000, 1 << 16), (2, 1 << 21, 1 << 20)]:
-            torch.set_num_threads(threads)
+            parallel.set_threads(threads)
             part = _merge(xs, base, mode, chunk_elems=chunk, block_elems=block)
             assert _same(part, whole), (threads, chunk, block)
     finally:
+        parallel.set_threads(None)
         torch.set_num_threads(old)
 
 

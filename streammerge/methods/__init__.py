@@ -24,9 +24,11 @@ which merges a block of the inputs as stored (their own dtypes) into ``out`` (th
 dtype) when it can give exactly the bits of converting to D, combining and converting
 the result; it returns False, having written nothing, when it cannot, and the executor
 does just that. (CPU only: it saves a conversion of every input and a copy of the result.)
+linear and the gta family skip the kernel altogether for such jobs: ``direct.loop`` runs
+their compiled loop on the stored bytes with no torch in the process.
 
 ``get_kernel(name)`` imports the kernel modules on first use, so planning never pays
-for torch.
+for torch, nor does a merge whose jobs all run ``direct`` loops or copy.
 """
 
 from __future__ import annotations
@@ -107,4 +109,7 @@ def get_kernel(name: str) -> Kernel:
         keep_freed_heap()  # kernels are about to make block-sized temporaries
         for module in _KERNEL_MODULES:
             importlib.import_module(f"{__name__}.{module}")
+        from . import parallel
+
+        parallel.torch_loaded()  # the kernels brought torch: give it --threads
     return _KERNELS[name]

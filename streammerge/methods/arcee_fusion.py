@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from . import register
-from .fused import _JIT, TILE, _load, _loop, _round, _rounded, bits, supports
+from .fused import _JIT, TILE, _load, _loop, _round, _rounded
 from .select import Boundary, histogram, key_bits, locate, refine
+from .tensors import bits, supports
 
 QUANTILES = (0.25, 0.5, 0.75)
 _INT = {16: torch.int16, 32: torch.int32}

@@ -9,7 +9,9 @@ even for bfloat16; none for float32), so the results are bit-identical to the ea
 (tests compare them). numba compiles each loop once per input type and caches it on disk.
 
 bfloat16 and float32 only: numba has no float16 on CPU, so float16 stays on numpy.
-Arrays arrive as integer views (uint16 for bfloat16, uint32 for float32): bits in, bits out.
+Arrays arrive as integer views (uint16 for bfloat16, uint32 for float32): bits in, bits out
+(``tensors`` makes them from torch tensors; this module imports no torch, so a merge of
+compiled loops alone never loads it).
 A loop that takes any number of models gets their data addresses (``addresses``): one
 int64 array, made in a microsecond, where numba's typed list took ~40 us per call and held
 the compiler's lock, so two threads building one queued on each other.
@@ -19,12 +21,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-import torch
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
-
-from .spec import direct_dtypes
 
 _JIT = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
 _INLINE = {"inline": "always"}
@@ -484,35 +483,43 @@ def sce_combine(base, tvs, weights, out):
             o[j] = _round(_load(b[j]) + q, b[j])
 
 
-_BITS = {torch.bfloat16: torch.uint16, torch.float32: torch.uint32}
-KEY = {torch.bfloat16: np.uint16, torch.float32: np.uint32}  # magnitude keys, as the loops take them
-CODE = {torch.bfloat16: "BF16", torch.float32: "F32"}  # the loops' dtypes as safetensors codes
+def _weighted_sum_signatures() -> list:
+    """(the inputs' ``addresses``, float32 weights, output bits, divisor bits) for bfloat16
+    (uint16) and float32 (uint32) bits: the inputs are stored as the output is."""
+    out = []
+    for t in (numba.uint16, numba.uint32):
+        array = numba.types.Array(t, 1, "C")
+        out.append(numba.void(numba.int64[::1], numba.float32[::1], array, numba.uint32))
+    return out
 
 
-def supports(x: torch.Tensor) -> bool:
-    """Whether the loops take ``x``: a CPU tensor of bfloat16 or float32."""
-    return x.dtype in _BITS and x.device.type == "cpu"
+@numba.njit(_weighted_sum_signatures(), **_JIT)
+def weighted_sum(xs, weights, out, divisor_bits):
+    """``linear``'s loop: ``out`` = the eager ops' bits: acc = +0, then fma(x, c, acc) per input in order, then
+    acc / divisor when ``divisor_bits`` is not 0's (float32 bits of Σ c, as torch sums
+    them), rounded to the inputs' dtype."""
+    acc = np.empty(TILE, np.float32)
+    divisor = _f32(divisor_bits)
+    for lo in range(0, out.size, TILE):
+        n = min(TILE, out.size - lo)
+        for j in range(n):
+            acc[j] = np.float32(0)
+        for m in range(xs.size):
+            x, c = _model(xs, m, out.size, out)[lo : lo + n], weights[m]
+            for j in range(n):
+                acc[j] = _fma(_load(x[j]), c, acc[j])
+        o = out[lo : lo + n]
+        if divisor_bits != 0:
+            for j in range(n):
+                o[j] = _round(acc[j] / divisor, o[j])
+        else:
+            for j in range(n):
+                o[j] = _round(acc[j], o[j])
 
 
-def bits(x: torch.Tensor) -> np.ndarray:
-    """A CPU tensor's elements as a flat numpy integer view (a view when contiguous, so
-    a loop's writes land in the tensor)."""
-    return x.contiguous().view(_BITS[x.dtype]).reshape(-1).numpy()
-
-
-def direct_ok(xs: list[torch.Tensor], out: torch.Tensor, work: torch.dtype) -> bool:
-    """Whether a loop can merge ``xs`` as stored straight into ``out``: all stored as
-    ``out`` is, as bfloat16 or float32, with D that dtype or float32 over bfloat16 (each
-    element widened exactly on load)."""
-    stored = out.dtype if all(x.dtype == out.dtype for x in xs) else None
-    cpu = supports(out) and all(supports(x) for x in xs)
-    contiguous = out.is_contiguous() and all(x.is_contiguous() for x in xs)  # read and written in place
-    return cpu and contiguous and direct_dtypes(CODE.get(stored), CODE.get(work, ""), CODE[out.dtype])
-
-
-def addresses(xs: list[torch.Tensor]) -> np.ndarray:
-    """The data addresses of contiguous CPU tensors, as a loop taking any number of models
-    wants them. The caller keeps the tensors alive while the loop runs."""
-    if not all(x.is_contiguous() and x.device.type == "cpu" for x in xs):
-        raise ValueError("addresses: every tensor must be a contiguous CPU tensor")
-    return np.array([x.data_ptr() for x in xs], np.int64)
+def pointers(arrays: list[np.ndarray]) -> np.ndarray:
+    """The data addresses of contiguous arrays, as a loop taking any number of models wants
+    them (``tensors.addresses`` for torch tensors). The caller keeps the arrays alive."""
+    if not all(a.flags.c_contiguous for a in arrays):
+        raise ValueError("pointers: every array must be contiguous")
+    return np.array([a.ctypes.data for a in arrays], np.int64)

@@ -38,7 +38,7 @@ import math
 import numpy as np
 import torch
 
-from . import BlockContext, fused, parallel, register, select
+from . import BlockContext, direct, fused, parallel, register, select, tensors
 from .rng import stream_key, uniform, uniform_bits24
 from .select import (
     Boundary,
@@ -100,7 +100,7 @@ def gta_fold(i: int, acc, xs, *, ctx, stats, base_index, weight, normalize, resc
     for m in _others(xs, base_index):
         if not _prunes(density[m]):
             continue
-        if fused.supports(base) and (kind != "l1" or sparsifier == "random"):
+        if tensors.supports(base) and (kind != "l1" or sparsifier == "random"):
             _fold_fused(kind, acc, xs[m], base, m, ctx, stats, density[m])
             continue
         delta = xs[m] - base
@@ -125,7 +125,7 @@ def gta_fold(i: int, acc, xs, *, ctx, stats, base_index, weight, normalize, resc
 def _fold_fused(kind: str, acc: dict, x, base, m: int, ctx, stats, density: float) -> None:
     """``gta_fold``'s step for one model in one compiled loop: the histogram of a select
     pass, or a DARE block's L1 terms."""
-    x, b = fused.bits(x), fused.bits(base)
+    x, b = tensors.bits(x), tensors.bits(base)
     if kind == "l1":
         acc.setdefault(m, []).append(fused.l1_random(x, b, *_random_keep(ctx, m, density)))
         return
@@ -346,7 +346,7 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
     factors = stats[-1] if preset.sparsifier is not None and l1 and stats else {}
     weights = [weight[m] for m in others]
     unweighted = preset.consensus == "sum" and sign_election == "unweighted"
-    fast = fused.supports(base) and fast_combine_exact(base.dtype, len(others)) and not unweighted
+    fast = tensors.supports(base) and fast_combine_exact(base.dtype, len(others)) and not unweighted
     contiguous = all(x.is_contiguous() for x in xs)  # the loop takes the models' addresses
     if fast and contiguous and not _pruned(preset, others, density):
         # nothing pruned: one compiled pass, no deltas array
@@ -354,7 +354,7 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
     deltas = base.new_empty((len(others), *base.shape))  # (n_models, *block)
     by_density = rescale and rescale_mode == "density"
 
-    compiled = fused.supports(base) and not by_density and preset.sparsifier in (
+    compiled = tensors.supports(base) and not by_density and preset.sparsifier in (
         "magnitude", "magnitude_outliers", "random", None
     )  # fmt: skip
 
@@ -390,7 +390,7 @@ def _prune_fused(x, base, out, m, ctx, stats, state, density, gamma, factor) -> 
     sparsifier = GTA[ctx.method].sparsifier
     scale = factor is not None
     factor = np.float32(factor.item() if scale else 1)
-    xb, bb, ob = fused.bits(x), fused.bits(base), fused.bits(out)
+    xb, bb, ob = tensors.bits(x), tensors.bits(base), tensors.bits(out)
     if sparsifier == "random":
         fused.prune_random(xb, bb, ob, *_random_keep(ctx, m, density), scale, factor)
         return
@@ -401,7 +401,7 @@ def _prune_fused(x, base, out, m, ctx, stats, state, density, gamma, factor) -> 
     b_lo, b_hi = _boundaries(stats, ctx, m)
     earliest_high = sparsifier == "magnitude"  # tie order of a stable sort: descending for top-k
     spans = [np.array(select.tie_span(b, lo, hi, earliest_high), np.int64) for b in (b_lo, b_hi)]
-    key = fused.KEY[x.dtype]
+    key = tensors.KEY[x.dtype]
     seen = state.setdefault(("seen", m), {})
     counts = _seen_pair(seen, b_lo, b_hi)
     fused.prune_window(xb, bb, ob, key(b_lo.key), key(b_hi.key), *spans, counts, scale, factor)
@@ -420,46 +420,21 @@ def _store_seen(seen: dict, lo: Boundary, hi: Boundary, counts: np.ndarray) -> N
     seen[hi.key] = int(counts[1])
 
 
-def _combine_fused(base, deltas, weights, consensus, normalize, lam, out=None, work=None) -> torch.Tensor:
-    """``combine_eager`` by the compiled loop, bit for bit, in parts on every core.
-    ``deltas``: the (n_models, *block) pruned deltas, or a list of the models' blocks when
-    none is pruned (their deltas are then made inside the loop, a tile at a time). The math
-    is done in ``work`` (D; the base's dtype by default), the result written into ``out``
-    (``gta_direct``: the output dtype) or a new tensor in D."""
-    work = base.dtype if work is None else work
-    w = torch.tensor(weights, dtype=work)
-    divisor = w.float().cumsum(0)[-1:].to(work).float().item()  # in order, like sum(dim=0)
-    divisor = 1.0 if consensus == "sum" or abs(divisor) < 1e-8 else divisor
-    out = torch.empty_like(base, memory_format=torch.contiguous_format) if out is None else out
-    b, o = fused.bits(base), fused.bits(out)
-    flags = (consensus == "sum", bool(normalize), np.float32(divisor), np.float32(lam))
-    w = w.float().numpy()
+def _combine_fused(base, deltas, weights, consensus, normalize, lam) -> torch.Tensor:
+    """``combine_eager`` by the compiled loop, bit for bit, in parts on every core, in D (the
+    base's dtype). ``deltas``: the (n_models, *block) pruned deltas, or a list of the models'
+    blocks when none is pruned (their deltas are then made inside the loop, a tile at a
+    time; ``direct`` runs the same loop from the stored bytes)."""
+    work = base.dtype
+    w, divisor = direct.gta_scalars(weights, tensors.CODE[work], consensus)
+    out = torch.empty_like(base, memory_format=torch.contiguous_format)
+    b, o = tensors.bits(base), tensors.bits(out)
+    flags = (consensus == "sum", bool(normalize), divisor, np.float32(lam))
     are_deltas = not isinstance(deltas, list)
-    xs = fused.addresses(list(deltas.reshape(len(weights), -1)) if are_deltas else deltas)
-    d = fused.KEY[work](0)  # D's kind, for the loop's roundings
+    xs = tensors.addresses(list(deltas.reshape(len(weights), -1)) if are_deltas else deltas)
+    d = tensors.KEY[work](0)  # D's kind, for the loop's roundings
     parallel.run(lambda lo, hi: fused.combine(b, xs, w, o, lo, hi, *flags, are_deltas, d), base.numel())
     return out
-
-
-def gta_direct(xs, out, *, ctx, base_index, weight, normalize, density=None, sign_election="weighted",
-               **shared) -> bool:  # fmt: skip
-    """``gta`` of a block whose fine-tunes are not pruned (task_arithmetic; ties or dare at
-    density 1), from the inputs as stored into ``out`` (the output dtype): one compiled pass,
-    no conversion to D and no copy after. False (nothing written) where ``gta`` must run."""
-    others = _others(xs, base_index)
-    preset = GTA[ctx.method]
-    unweighted = preset.consensus == "sum" and sign_election == "unweighted"
-    work = ctx.work_dtype
-    if _pruned(preset, others, density) or unweighted or not others or not fused.direct_ok(xs, out, work):
-        return False
-    if not fast_combine_exact(work, len(others)):
-        return False
-    lam = shared.get("lambda", 1.0)
-    weights = [weight[m] for m in others]
-    _combine_fused(
-        xs[base_index], [xs[m] for m in others], weights, preset.consensus, normalize, lam, out, work
-    )
-    return True
 
 
 def _tie_offsets(xs, base, others, density, stats, ctx, state) -> dict[int, dict]:
@@ -472,10 +447,13 @@ def _tie_offsets(xs, base, others, density, stats, ctx, state) -> dict[int, dict
         counts = {}
         for m, (b_lo, b_hi) in boundaries.items():
             x, b = xs[m].reshape(-1)[lo:hi], base.reshape(-1)[lo:hi]
-            if fused.supports(b):
+            if tensors.supports(b):
                 pair = _seen_pair({}, b_lo, b_hi)
                 fused.count_ties(
-                    fused.bits(x), fused.bits(b), *(fused.KEY[b.dtype](k.key) for k in (b_lo, b_hi)), pair
+                    tensors.bits(x),
+                    tensors.bits(b),
+                    *(tensors.KEY[b.dtype](k.key) for k in (b_lo, b_hi)),
+                    pair,
                 )
                 _store_seen(counts.setdefault(m, {}), b_lo, b_hi, pair)
                 continue
@@ -524,11 +502,9 @@ def combine_eager(base, deltas, weights, consensus, normalize, lam, weighted_ele
 def fast_combine_exact(dtype: torch.dtype, n_models: int) -> bool:
     """Whether ``fused.combine`` reproduces ``combine_eager``: it adds the models in order
     into fp32, as torch's ``sum(dim=0)`` does up to ``spec.FUSED_COMBINE_MODELS``."""
-    return n_models <= FUSED_COMBINE_MODELS.get(fused.CODE.get(dtype), 0)
+    return n_models <= FUSED_COMBINE_MODELS.get(tensors.CODE.get(dtype), 0)
 
 
 for _name in GTA:
     magnitude = GTA[_name].sparsifier in ("magnitude", "magnitude_outliers")  # ties counted in order
-    register(
-        _name, fold=gta_fold, finish=gta_finish, reduce=gta_reduce, ordered=magnitude, direct=gta_direct
-    )(gta)
+    register(_name, fold=gta_fold, finish=gta_finish, reduce=gta_reduce, ordered=magnitude)(gta)

@@ -10,19 +10,19 @@ Like mergekit, a zero weight sum with ``normalize`` gives inf/NaN; the planner r
 For bfloat16 and float32 on the CPU a compiled loop does the whole sequence a tile at a
 time (the eager ops make five passes over block-sized fp32 temporaries), each step the
 same float32 operation torch does; float16, float64 and other devices run the eager ops.
-The loop also runs straight from the read bytes into the output (``linear_direct``): the
-result is rounded once, from the fp32 accumulator to the output dtype, whether D is
-bfloat16 or float32, so bfloat16 inputs need no conversion to D and no copy after.
+The loop also runs straight from the read bytes into the output, without torch
+(``direct``): the result is rounded once, from the fp32 accumulator to the output dtype,
+whether D is bfloat16 or float32, so bfloat16 inputs need no conversion to D and no copy
+after.
 """
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
 
-from . import register
-from .fused import _JIT, TILE, _f32, _fma, _load, _model, _round, addresses, bits, direct_ok, supports
+from . import direct, fused, register
+from .tensors import addresses, bits, supports
 
 
 def _eager(xs: list[torch.Tensor], weight: list[float], normalize: bool) -> torch.Tensor:
@@ -36,58 +36,17 @@ def _eager(xs: list[torch.Tensor], weight: list[float], normalize: bool) -> torc
     return result.to(xs[0].dtype)
 
 
-def _signatures() -> list:
-    """(the inputs' ``addresses``, float32 weights, output bits, divisor bits) for bfloat16
-    (uint16) and float32 (uint32) bits: the inputs are stored as the output is."""
-    out = []
-    for t in (numba.uint16, numba.uint32):
-        array = numba.types.Array(t, 1, "C")
-        out.append(numba.void(numba.int64[::1], numba.float32[::1], array, numba.uint32))
-    return out
-
-
-@numba.njit(_signatures(), **_JIT)
-def _linear(xs, weights, out, divisor_bits):
-    """``out`` = the eager ops' bits: acc = +0, then fma(x, c, acc) per input in order, then
-    acc / divisor when ``divisor_bits`` is not 0's (float32 bits of Σ c, as torch sums
-    them), rounded to the inputs' dtype."""
-    acc = np.empty(TILE, np.float32)
-    divisor = _f32(divisor_bits)
-    for lo in range(0, out.size, TILE):
-        n = min(TILE, out.size - lo)
-        for j in range(n):
-            acc[j] = np.float32(0)
-        for m in range(xs.size):
-            x, c = _model(xs, m, out.size, out)[lo : lo + n], weights[m]
-            for j in range(n):
-                acc[j] = _fma(_load(x[j]), c, acc[j])
-        o = out[lo : lo + n]
-        if divisor_bits != 0:
-            for j in range(n):
-                o[j] = _round(acc[j] / divisor, o[j])
-        else:
-            for j in range(n):
-                o[j] = _round(acc[j], o[j])
-
-
-def linear_direct(xs, out, *, ctx, base_index=None, weight, normalize=True) -> bool:
-    """``linear`` of the inputs as stored into ``out`` (the output dtype); False (nothing
-    written) where the loop cannot give the same bits as converting to D first."""
-    return direct_ok(xs, out, ctx.work_dtype) and _compiled(xs, out, weight, normalize)
-
-
 def _compiled(xs, out, weight, normalize) -> bool:
     """Run the loop into ``out``; False where the eager ops must (a zero weight sum)."""
-    coefficients = torch.tensor(weight, dtype=torch.float32)
-    divisor = coefficients.sum() if normalize else torch.zeros(())
-    if normalize and divisor.item() == 0:  # x / +0 is not "no division": keep torch's inf/NaN
+    coefficients = np.array(weight, np.float32)  # as torch.tensor(weight, dtype=float32) rounds
+    divisor = direct.linear_divisor(coefficients, normalize)
+    if divisor == 0:  # x / +0 is not "no division": keep torch's inf/NaN
         return False
-    bits_of_divisor = np.uint32(divisor.view(torch.int32).item() & 0xFFFFFFFF)
-    _linear(addresses(xs), coefficients.numpy(), bits(out), bits_of_divisor)
+    fused.weighted_sum(addresses(xs), coefficients, bits(out), direct.bits_of(divisor))
     return True
 
 
-@register("linear", direct=linear_direct)
+@register("linear")
 def linear(
     xs: list[torch.Tensor],
     *,

@@ -26,7 +26,7 @@ import numba
 import numpy as np
 import torch
 
-from . import fused, register
+from . import register, tensors
 from .fused import _JIT, TILE, _add_lanes, _load, _round, _rounded
 
 
@@ -135,7 +135,7 @@ def _warm() -> None:
     """Compile (or load from numba's cache) the loops for two fine-tunes now, so the
     compiler's time and memory stay out of a merge."""
     for dtype in (torch.bfloat16, torch.float32):
-        x = fused.bits(torch.zeros(4, dtype=dtype))
+        x = tensors.bits(torch.zeros(4, dtype=dtype))
         _block_sums(x, (x, x), 4, np.empty((1, 3)))
         _combine(x, (x, x), np.float32(0), np.float32(1), np.float32(2), x.copy())
 
@@ -153,9 +153,9 @@ def model_stock_fold(i, acc, xs, *, base_index, filter_wise=False, span=None):
     w0, ws = xs[base_index], [x for i, x in enumerate(xs) if i != base_index]
     n = w0.numel()
     span = n if span is None else span
-    if fused.supports(w0):
+    if tensors.supports(w0):
         sums = np.empty((max(1, -(-n // span)), len(_pairs(len(ws))) + len(ws)))
-        _block_sums(fused.bits(w0), tuple(fused.bits(w) for w in ws), max(span, 1), sums)
+        _block_sums(tensors.bits(w0), tuple(tensors.bits(w) for w in ws), max(span, 1), sums)
         acc.extend(tuple(row) for row in sums.tolist())
         return acc
     for lo in range(0, max(n, 1), span):  # block by block: no temporaries the size of the span
@@ -198,14 +198,14 @@ def _combine_into(xs, t, base_index, out) -> None:
     """``_combine`` of the blocks ``xs`` (base at ``base_index``) into ``out``."""
     w0, ws = xs[base_index], [x for i, x in enumerate(xs) if i != base_index]
     weights = (np.float32(t.float().item()), np.float32((1 - t).float().item()), np.float32(len(ws)))
-    _combine(fused.bits(w0), tuple(fused.bits(w) for w in ws), *weights, fused.bits(out))
+    _combine(tensors.bits(w0), tuple(tensors.bits(w) for w in ws), *weights, tensors.bits(out))
 
 
 def model_stock_direct(xs, out, *, ctx, stats, base_index, filter_wise=False) -> bool:
     """``model_stock`` of the inputs as stored straight into ``out`` (the output dtype) where
     they, D and the output are one dtype (its loop rounds to the inputs' dtype); else False."""
     same = ctx.work_dtype == out.dtype
-    if filter_wise or not same or not fused.direct_ok(xs, out, ctx.work_dtype):
+    if filter_wise or not same or not tensors.direct_ok(xs, out, ctx.work_dtype):
         return False
     _combine_into(xs, stats[0], base_index, out)
     return True
@@ -220,7 +220,7 @@ def model_stock(xs, *, ctx, stats, base_index, filter_wise=False):
         return _row_wise(xs, ctx.row, base_index)
     w0, ws = xs[base_index], [x for i, x in enumerate(xs) if i != base_index]
     t = stats[0]
-    if fused.supports(w0):
+    if tensors.supports(w0):
         out = torch.empty_like(w0, memory_format=torch.contiguous_format)
         _combine_into(xs, t, base_index, out)
         return out

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import MethodError
-from . import fused, register
+from . import register, tensors
 from .fused import _JIT, TILE, _load, _round, _rounded
 from .gta import fast_combine_exact
 from .model_stock import add_squares, lane_totals
@@ -137,7 +137,7 @@ def _warm() -> None:
     """Compile (or load from numba's cache) the loops for two inputs now, so the
     compiler's time and memory stay out of a merge."""
     for dtype in (torch.bfloat16, torch.float32):
-        x = fused.bits(torch.zeros(4, dtype=dtype))
+        x = tensors.bits(torch.zeros(4, dtype=dtype))
         two, ones = (x, x), np.ones(2, np.float32)
         _square_sums(x, two, True, np.empty(2))
         _mean_square_sum(x, two, True, ones, ones, np.empty(1))
@@ -149,15 +149,15 @@ _warm()
 
 def _compiled(xs, base_index) -> bool:
     n = len(xs) - (base_index is not None)
-    return fused.supports(xs[0]) and fast_combine_exact(xs[0].dtype, n)
+    return tensors.supports(xs[0]) and fast_combine_exact(xs[0].dtype, n)
 
 
 def _compiled_args(xs, base_index):
     """(base or the first input as a stand-in, the other inputs, whether there is a base)
     as the compiled loops take them."""
     base, others = _inputs(xs, base_index)
-    bits = tuple(fused.bits(x) for x in others)
-    return (bits[0] if base is None else fused.bits(base)), bits, base is not None
+    bits = tuple(tensors.bits(x) for x in others)
+    return (bits[0] if base is None else tensors.bits(base)), bits, base is not None
 
 
 def _stat_vectors(stats, eps):
@@ -225,7 +225,7 @@ def multislerp(xs, *, stats, base_index, weight, normalize_weights=True, eps=1e-
         scale = (norms.squeeze(-1) * w).sum()
         out = torch.empty_like(others[0], memory_format=torch.contiguous_format)
         floats = (np.float32(mean_norm.float().item()), np.float32(scale.float().item()))
-        _combine(*_compiled_args(xs, base_index), *_stat_vectors(stats, eps), *floats, fused.bits(out))
+        _combine(*_compiled_args(xs, base_index), *_stat_vectors(stats, eps), *floats, tensors.bits(out))
         return out
     _, flat = _flat(xs, base_index)
     norms, w, mean_norm = norms.to(flat.device), w.to(flat.device), mean_norm.to(flat.device)

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from . import register
-from .fused import _load, _loop, _round, _rounded, bits, supports
+from .fused import _load, _loop, _round, _rounded
+from .tensors import bits, supports
 
 _FLOOR = 1e-6  # mergekit's clamp of |B − X| from below
 

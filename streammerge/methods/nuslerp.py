@@ -28,8 +28,8 @@ import numba
 import numpy as np
 import torch
 
-from . import fused, register
-from .fused import _BITS, _JIT, TILE, _add_lanes, _load, _loop, _round, _rounded
+from . import register, tensors
+from .fused import _JIT, TILE, _add_lanes, _load, _loop, _round, _rounded
 
 EPS = 1e-8
 
@@ -111,7 +111,7 @@ def nuslerp_fold(i, acc, xs, *, ctx, stats, base_index, weight, nuslerp_flatten=
     acc = [] if acc is None else acc
     n = xs[0].numel()
     if span is not None and span < n:
-        if nuslerp_flatten and fused.supports(xs[0]):
+        if nuslerp_flatten and tensors.supports(xs[0]):
             acc.extend(_flat_span(i, xs, stats, base_index, span))
             return acc
         for lo in range(0, n, span):
@@ -120,7 +120,7 @@ def nuslerp_fold(i, acc, xs, *, ctx, stats, base_index, weight, nuslerp_flatten=
             nuslerp_fold(i, acc, blocks, ctx=part, stats=stats, base_index=base_index, weight=weight,
                          nuslerp_flatten=nuslerp_flatten, nuslerp_row_wise=nuslerp_row_wise)  # fmt: skip
         return acc
-    if fused.supports(xs[0]):
+    if tensors.supports(xs[0]):
         acc.append(_block_compiled(i, xs, ctx, stats, base_index, nuslerp_flatten))
         return acc
     _, v0, v1, _ = _vectors(xs, base_index)
@@ -159,8 +159,8 @@ def _operands(xs, base_index) -> tuple:
 
 
 def _bits(x: torch.Tensor) -> np.ndarray:
-    """``fused.bits``, in fewer torch calls for the executor's flat blocks (per-block cost)."""
-    return x.view(_BITS[x.dtype]).numpy() if x.dim() == 1 and x.is_contiguous() else fused.bits(x)
+    """``tensors.bits``, in fewer torch calls for the executor's flat blocks (per-block cost)."""
+    return x.view(tensors.BITS[x.dtype]).numpy() if x.dim() == 1 and x.is_contiguous() else tensors.bits(x)
 
 
 def _block_compiled(i, xs, ctx, stats, base_index, flatten) -> tuple:
@@ -367,7 +367,7 @@ def interpolate(x0, x1, base, has_base, first, coef, colinear, paths, s, t, out)
 
 @register("nuslerp", fold=nuslerp_fold, finish=nuslerp_finish, reduce=nuslerp_reduce, spans=True)
 def nuslerp(xs, *, ctx, stats, base_index, weight, nuslerp_flatten=True, nuslerp_row_wise=False):
-    if stats and fused.supports(xs[0]):
+    if stats and tensors.supports(xs[0]):
         return _combine_compiled(xs, ctx, stats, base_index, weight)
     base, v0, v1, others = _vectors(xs, base_index)
     t = _t(weight, others)
@@ -399,5 +399,5 @@ def _combine_compiled(xs, ctx, stats, base_index, weight) -> torch.Tensor:
     paths = 2 if lin.any() and not lin.all() else int(lin.all())
     out = torch.empty_like(xs[0], memory_format=torch.contiguous_format)
     operands = _operands(xs, base_index)
-    interpolate(*operands, ctx.offset, coef, lin, paths, np.float32(1 - t), np.float32(t), fused.bits(out))
+    interpolate(*operands, ctx.offset, coef, lin, paths, np.float32(1 - t), np.float32(t), tensors.bits(out))
     return out

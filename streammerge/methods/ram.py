@@ -29,8 +29,9 @@ import numpy as np
 import torch
 
 from . import register
-from .fused import _JIT, KEY, TILE, _f32, _load, _model, _round, _rounded, addresses, bits, supports
+from .fused import _JIT, TILE, _f32, _load, _model, _round, _rounded
 from .gta import fast_combine_exact
+from .tensors import KEY, addresses, bits, supports
 
 
 def _prepare(xs, base_index, epsilon):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import fused, register
+from . import fused, register, tensors
 from .select import Boundary, apply_mask, histogram, keep_window, key_bits, locate, magnitude_keys, refine
 
 
@@ -48,10 +48,10 @@ def _task_vectors(xs, base_index):
 def _variance(tvs: torch.Tensor) -> torch.Tensor:
     """``torch.var(tvs, dim=0, unbiased=False)``, flat; by a compiled loop where it runs
     (torch's reduction over the model axis costs ~100 ns per element on CPU)."""
-    if not fused.supports(tvs):
+    if not tensors.supports(tvs):
         return torch.var(tvs, dim=0, unbiased=False).reshape(-1)
     out = torch.empty(tvs[0].numel(), dtype=tvs.dtype)
-    fused.variance(fused.bits(tvs).reshape(len(tvs), -1), fused.bits(out))
+    fused.variance(tensors.bits(tvs).reshape(len(tvs), -1), tensors.bits(out))
     return out
 
 
@@ -114,10 +114,10 @@ def sce(xs, *, ctx, stats, state, base_index, select_topk=1.0, int8_mask=False):
         return base
     tvs = _keep(tvs, ctx, stats, state, select_topk)
     weights = stats[-1]
-    if fused.supports(base) and len(tvs) <= (4 if base.dtype == torch.float32 else 8):  # torch's sum order
+    if tensors.supports(base) and len(tvs) <= (4 if base.dtype == torch.float32 else 8):  # torch's sum order
         out = torch.empty_like(base, memory_format=torch.contiguous_format)
         w = weights.to(base.dtype).float().numpy()
-        fused.sce_combine(fused.bits(base), fused.bits(tvs).reshape(len(tvs), -1), w, fused.bits(out))
+        fused.sce_combine(tensors.bits(base), tensors.bits(tvs).reshape(len(tvs), -1), w, tensors.bits(out))
         return out
     return _combine_eager(base, tvs, weights)
 

@@ -53,8 +53,8 @@ class MethodSpec:
     # runs compiled loops (``fused``), which make few block-sized temporaries; None: eager.
     # Called with the working dtype, the shared parameters and the number of inputs.
     compiled: Callable[[str, dict, int], tuple[int, int] | None] = lambda work_dtype, shared, n_inputs: None
-    # Whether the kernel's ``direct`` runs: straight from the read bytes into the output,
-    # no block temporaries. Called with the inputs' stored dtype (one for all, else None),
+    # Whether a job runs straight from the read bytes into the output, no block temporaries:
+    # the torch-free ``direct.loop`` (linear, the gta family), else the kernel's ``direct``. Called with the inputs' stored dtype (one for all, else None),
     # D, the output dtype, the shared and the per-input parameters.
     direct: Callable[[str | None, str, str, dict, tuple], bool] = lambda *job: False
     # Statistics passes over the whole tensor before the combine pass, by working dtype
@@ -156,14 +156,14 @@ def direct_dtypes(stored: str | None, work: str, out: str) -> bool:
 
 
 def _gta_direct(preset: GTAPreset) -> Callable[[str | None, str, str, dict, tuple], bool]:
-    """``gta.gta_direct`` runs where no fine-tune is pruned and the compiled combine adds
-    them as torch does (TIES's weighted election included)."""
+    """``direct.loop`` runs where there are fine-tunes, none is pruned and the compiled
+    combine adds them as torch does (TIES's weighted election included)."""
 
     def direct(stored: str | None, work: str, out: str, shared: dict, input_params: tuple) -> bool:
         densities = [p.get("density", 1.0) for p in input_params if "weight" in p]
         pruned = preset.sparsifier is not None and any(d < 1 for d in densities)
         unweighted = shared.get("sign_election") == "unweighted"
-        few = len(densities) <= FUSED_COMBINE_MODELS.get(work, 0)
+        few = 0 < len(densities) <= FUSED_COMBINE_MODELS.get(work, 0)
         return direct_dtypes(stored, work, out) and not pruned and not unweighted and few
 
     return direct
