@@ -326,43 +326,41 @@ def count_ties(x, base, lo_key, hi_key, seen):
 
 
 @numba.njit(inline="always", **_JIT)
-def _combine_tile(wd, weights, b, o, n, elect, normalize, divisor, lam, mixed, total, div, d):
-    """One tile of ``combine`` from its weighted deltas ``wd[m, :n]`` (fp32 values of D, whose
-    bits are ``d``'s kind)."""
+def _elect_tile(wd, weights, b, o, n, normalize, lam, mixed, total, div, d):
+    """One tile of ``combine`` with ``elect`` (TIES) from its weighted deltas ``wd[m, :n]``
+    (fp32 values of D, whose bits are ``d``'s kind)."""
     n_models = wd.shape[0]
     for j in range(n):  # torch's sum starts from +0 (so -0 deltas sum to +0)
         mixed[j] = np.float32(0)
         total[j] = np.float32(0)
         div[j] = np.float32(0)
-    if elect:  # mergekit's get_mask(method="sum")
-        for m in range(n_models):
-            wdm = wd[m]
-            for j in range(n):
-                total[j] += wdm[j]
-        # x agrees with the elected sign (+1 where the total is >= 0) iff it is nonzero
-        # and positive exactly where the total is non-negative
-        for m in range(n_models):
-            w, wdm = weights[m], wd[m]
-            for j in range(n):
-                x = wdm[j]
-                agree = np.float32(((x > 0) == (total[j] >= 0)) & (x != 0))
-                mixed[j] += x * agree
-                div[j] += agree * w
+    for m in range(n_models):  # mergekit's get_mask(method="sum")
+        wdm = wd[m]
         for j in range(n):
-            dv = _rounded(div[j], d)
-            div[j] = dv + np.float32(dv == 0)
-    else:
-        for m in range(n_models):
-            wdm = wd[m]
-            for j in range(n):
-                mixed[j] += wdm[j]
+            total[j] += wdm[j]
+    # x agrees with the elected sign (+1 where the total is >= 0) iff it is nonzero
+    # and positive exactly where the total is non-negative
+    for m in range(n_models):
+        w, wdm = weights[m], wd[m]
         for j in range(n):
-            div[j] = divisor
+            x = wdm[j]
+            agree = np.float32(((x > 0) == (total[j] >= 0)) & (x != 0))
+            mixed[j] += x * agree
+            div[j] += agree * w
+    for j in range(n):
+        dv = _rounded(div[j], d)
+        div[j] = dv + np.float32(dv == 0)
     for j in range(n):
         mixed[j] = _rounded(mixed[j], d)
     if normalize:
         for j in range(n):
             mixed[j] = _rounded(mixed[j] / div[j], d)
+    _finish_tile(mixed, b, o, n, lam, d)
+
+
+@numba.njit(inline="always", **_JIT)
+def _finish_tile(mixed, b, o, n, lam, d):
+    """``o`` = base + lam * mixed, each step rounded to D, then to the output."""
     if lam != 1:
         for j in range(n):
             mixed[j] = _rounded(mixed[j] * lam, d)
@@ -400,24 +398,41 @@ def combine(base, xs, weights, out, start, stop, elect, normalize, divisor, lam,
     torch's conversion does). Each step runs over a tile of fp32 scratch, so every loop
     vectorizes."""
     n_models = xs.size
-    wd = np.empty((n_models, TILE), np.float32)
+    wd = np.empty((n_models if elect else 0, TILE), np.float32)
     mixed = np.empty(TILE, np.float32)
     total = np.empty(TILE, np.float32)
     div = np.empty(TILE, np.float32)
     for lo in range(start, stop, TILE):
         n = min(TILE, stop - lo)
-        b = base[lo : lo + n]
+        b, o = base[lo : lo + n], out[lo : lo + n]
+        if not elect:  # each model's weighted delta added as it is made: no tile per model
+            for j in range(n):  # torch's sum starts from +0 (so -0 deltas sum to +0)
+                mixed[j] = np.float32(0)
         for m in range(n_models):
-            w, x, wdm = weights[m], _model(xs, m, base.size, base)[lo : lo + n], wd[m]
-            if are_deltas:
+            w, x = weights[m], _model(xs, m, base.size, base)[lo : lo + n]
+            if elect:
+                wdm = wd[m]
+                if are_deltas:
+                    for j in range(n):
+                        wdm[j] = _rounded(_load(x[j]) * w, d)
+                else:
+                    for j in range(n):
+                        wdm[j] = _rounded(_rounded(_load(x[j]) - _load(b[j]), d) * w, d)
+            elif are_deltas:
                 for j in range(n):
-                    wdm[j] = _rounded(_load(x[j]) * w, d)
+                    mixed[j] += _rounded(_load(x[j]) * w, d)
             else:
                 for j in range(n):
-                    wdm[j] = _rounded(_rounded(_load(x[j]) - _load(b[j]), d) * w, d)
-        _combine_tile(
-            wd, weights, b, out[lo : lo + n], n, elect, normalize, divisor, lam, mixed, total, div, d
-        )
+                    mixed[j] += _rounded(_rounded(_load(x[j]) - _load(b[j]), d) * w, d)
+        if elect:
+            _elect_tile(wd, weights, b, o, n, normalize, lam, mixed, total, div, d)
+            continue
+        for j in range(n):
+            mixed[j] = _rounded(mixed[j], d)
+        if normalize:
+            for j in range(n):
+                mixed[j] = _rounded(mixed[j] / divisor, d)
+        _finish_tile(mixed, b, o, n, lam, d)
 
 
 @_loop("void({T}[:, ::1], {T}[::1])")
