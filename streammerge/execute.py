@@ -4,7 +4,7 @@ Three stages overlap: a reader thread makes one of two read sets ready (each inp
 chunk mmap'ed and faulted in: the page cache's own pages, no copy; derived, unaligned and
 GPU inputs ``os.preadv``'ed into buffers allocated once), the calling thread merges the
 other set block by block into one of two write buffers (straight from the read bytes
-where the kernel has a ``direct`` path, else converting each block to D and the result
+where the job has ``direct`` loops, else converting each block to D and the result
 back), and a writer thread ``pwrite``s the previous buffer at its planned offset and
 hashes it. The buffers are exactly the plan's ``Estimate``; nothing grows with model size.
 Kernels are elementwise, so any chunk or block size gives the same bytes. Bit copies and
@@ -423,23 +423,25 @@ class _JobRun:
 
     def __init__(self, job: Job, seed: int, dev: str) -> None:
         self.job, self.seed, self.dev = job, seed, dev
+        self.stats: list = []
+        self.acc = None
+        self.state: dict = {}
         self.copy = copies(job)
         if self.copy:  # straight into the output buffer: no kernel, no block temporaries
             self.scale = job.input_params[0].get("scale", 1.0)
             return
         self.loop = direct.loop(job) if dev == "cpu" else None
-        if self.loop is not None:  # one compiled loop from the read bytes into the output
+        if self.loop is not None:  # compiled loops from the read bytes into the output
             return
         from .methods.tensors import DTYPES
 
         self.kernel = get_kernel(job.method)
-        # straight from the read bytes into the output where the kernel can (CPU only)
-        self.direct = self.kernel.direct if dev == "cpu" else None
         self.params = _kernel_args(job)
         self.work = DTYPES[job.work_dtype]
-        self.stats: list = []
-        self.acc = None
-        self.state: dict = {}
+
+    def _bits(self, views: list[np.ndarray]) -> list[np.ndarray]:
+        """The inputs' bytes as the loops take them (``direct.BITS``)."""
+        return [v.view(direct.BITS[r.dtype]) for v, r in zip(views, self.job.inputs)]
 
     def _blocks(self, xs: list[torch.Tensor], start: int, end: int, step: int):
         """(flat offset, input blocks in dtype D) over one chunk, on the chunk's device."""
@@ -470,7 +472,17 @@ class _JobRun:
         if start == 0:
             self.acc, self.state = None, {}
         step = self.job.stat_block_elems
-        if self.kernel.reduce is None:  # blocks in order, each onto the running accumulator
+        if self.loop is not None:  # runs of blocks on every core, a run in one call, joined in order
+            bits = self._bits(views)
+
+            def fold_span(run: range) -> list:
+                lo, hi = run.start, min(end - start, run[-1] + step)
+                return self.loop.fold([x[lo:hi] for x in bits], step)
+
+            runs = parallel.runs(range(0, end - start, step))
+            for partial in parallel.map_ordered(fold_span, runs, fold_window(self.job)):
+                self.acc = partial if self.acc is None else self.acc + partial
+        elif self.kernel.reduce is None:  # blocks in order, each onto the running accumulator
             for offset, xs in self._blocks(self._raw(views), start, end, step):
                 self.acc = self._call(self.kernel.fold, i, self.acc, xs, offset=offset)
         else:  # runs of blocks on every core, each run folded in order, the runs joined in order
@@ -495,7 +507,10 @@ class _JobRun:
             for partial in parallel.map_ordered(fold_run, runs, fold_window(self.job)):
                 self.acc = self._call(self.kernel.reduce, i, self.acc, partial, offset=0)
         if end == self.job.numel:
-            self.stats.append(self._call(self.kernel.finish, i, self.acc, offset=0))
+            finish = self.loop.finish if self.loop is not None else None
+            self.stats.append(
+                finish(self.acc) if finish else self._call(self.kernel.finish, i, self.acc, offset=0)
+            )
             self.acc = None
 
     def combine(self, views: list[np.ndarray], start: int, out: np.ndarray) -> None:
@@ -518,11 +533,10 @@ class _JobRun:
             self.state = {}
         end = start + out.nbytes // ITEMSIZE[self.job.out_dtype]
         if self.loop is not None:  # the inputs' and the output's bits, as numpy integers
-            xs = [v.view(direct.BITS[r.dtype]) for v, r in zip(views, self.job.inputs)]
-            bits = out.view(direct.BITS[self.job.out_dtype])
+            xs, bits = self._bits(views), out.view(direct.BITS[self.job.out_dtype])
 
             def merge_block(s: int, e: int) -> None:
-                self.loop([x[s:e] for x in xs], bits[s:e])
+                self.loop.combine([x[s:e] for x in xs], bits[s:e], self.stats)
         else:
             import torch
 
@@ -549,10 +563,6 @@ class _JobRun:
     def _merge_block(self, raw: list[torch.Tensor], s: int, e: int, start: int, out: torch.Tensor) -> None:
         """Elements ``s:e`` of the chunk ``raw`` (inputs as stored; the chunk starts at element
         ``start`` of the tensor) merged into the same elements of ``out``."""
-        if self.direct is not None and self._call(
-            self.direct, [x[s:e] for x in raw], out[s:e], offset=start + s
-        ):
-            return
         result = self._call(self.kernel.combine, self._block(raw, s, e), offset=start + s)
         out[s : s + result.numel()].copy_(result.reshape(-1))
 

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 from . import __version__
@@ -460,19 +461,26 @@ def direct(j: Job) -> bool:
 
 
 def torch_free(j: Job) -> bool:
-    """Whether ``j`` runs without torch on the CPU: a bit copy, or a direct job of linear
-    or the gta family (``methods.direct``'s loops), but linear normalizing more weights than
-    torch sums in order."""
+    """Whether ``j`` runs without torch on the CPU (``methods.direct``'s loops): a bit copy;
+    a direct job of linear or the gta family, but linear normalizing more weights than
+    torch sums in order; model_stock over the whole tensor with inputs, D and output one
+    dtype (bfloat16 or float32) and no more pairs of fine-tunes than torch sums in order."""
     if copies(j):
         return j.method == COPY or j.input_params[0]["scale"] == 1.0
+    if j.method == "model_stock":
+        one = {t.dtype for t in j.inputs} == {j.work_dtype} and j.work_dtype == j.out_dtype
+        count = len(j.inputs) - 1
+        whole = not j.shared_params.get("filter_wise")
+        return one and j.work_dtype in ("BF16", "F32") and whole and count * (count - 1) // 2 <= IN_ORDER_SUM
     if not direct(j) or j.method not in ("linear", *GTA):
         return False
     return j.method != "linear" or not j.shared_params.get("normalize", True) or len(j.inputs) <= IN_ORDER_SUM
 
 
 def _scratch_words(j: Job) -> tuple[int, int]:
-    """(words, heap slack words) per block element."""
-    if copies(j) or direct(j):
+    """(words, heap slack words) per block element: none for copies and ``direct``'s loops,
+    which run on the read sets' bytes into the write buffer (folds included)."""
+    if copies(j) or torch_free(j):
         return 0, 0
     spec = SPECS[j.method]
     compiled = spec.compiled(j.work_dtype, j.shared_params, len(j.inputs))
@@ -482,8 +490,11 @@ def _scratch_words(j: Job) -> tuple[int, int]:
 
 def fold_window(j: Job) -> int:
     """Statistics blocks of ``j`` that may be folded at once: as many as fit in the
-    scratch its combine blocks are given (the plan counts the larger of the two)."""
+    scratch its combine blocks are given (the plan counts the larger of the two); any
+    number for loops that fold views of the read set."""
     words, slack = _scratch_words(j)
+    if not words:
+        return sys.maxsize
     stat = max(j.stat_block_elems, 1) * (words + min(slack, STAT_SLACK_WORDS))
     return max(1, j.block_elems * (words + slack) // stat)
 

@@ -47,14 +47,15 @@ METHODS = [
     ("ties", {"weight": [1.0, 0.5, None], "density": [0.5, 1.0, None]}, set()),  # prunes: declines
     ("model_stock", {}, SAME),  # its loop rounds to the inputs' dtype
 ]
+STOCK = [("model_stock", {}, SAME)]  # more fine-tunes: 3 pairs (torch sums them in order), 6 (it does not)
 
 
-def _inputs(n: int, stored: torch.dtype) -> list[torch.Tensor]:
+def _inputs(n: int, stored: torch.dtype, fine_tunes: int = 2) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(n)
     base = torch.randn(n, generator=g)
     xs = [
         base + torch.randn(n, generator=g) * 10 ** torch.empty(n).uniform_(-6, 1, generator=g)
-        for _ in range(2)
+        for _ in range(fine_tunes)
     ]
     for k, x in enumerate([*xs, base]):
         for at in (0, max(0, n - len(SPECIAL) - 3)):
@@ -73,35 +74,16 @@ def test_direct_gives_the_bits_of_convert_combine_convert(
     kwargs = dict(
         params, base_index=base_index, dtype=work, out_dtype=out, chunk_elems=1 << 15, block_elems=1 << 14
     )
-    real_kernel, real_loop = ex.get_kernel, direct.loop
-    ran: list[bool] = []  # per block, whether the kernel's direct ran
-    made: list[bool] = []  # per job, whether a loop was made
-
-    def spied(name):
-        k = real_kernel(name)
-        if k.direct is None:
-            return k
-
-        @functools.wraps(k.direct)  # the executor passes what its signature asks for
-        def spy(*a, **kw):
-            ran.append(k.direct(*a, **kw))
-            return ran[-1]
-
-        return dataclasses.replace(k, direct=spy)
+    real = direct.loop
+    made: list[bool] = []  # per job, whether loops were made
 
     def loop(job):
-        made.append(real_loop(job) is not None)
-        return real_loop(job)
+        made.append(real(job) is not None)
+        return real(job)
 
-    monkeypatch.setattr(ex, "get_kernel", spied)
     monkeypatch.setattr(direct, "loop", loop)
     got = ex.merge_tensors(method, xs, **kwargs)
-    expected = (stored, work, out) in can
-    if method == "model_stock":  # the kernel's direct, block by block
-        assert made == [False] and ran and all(r == expected for r in ran), (made, ran)
-    else:  # the job's loop
-        assert made == [expected] and not ran, (made, ran)
-    monkeypatch.setattr(ex, "get_kernel", lambda name: dataclasses.replace(real_kernel(name), direct=None))
+    assert made == [(stored, work, out) in can]
     monkeypatch.setattr(direct, "loop", lambda job: None)
     want = ex.merge_tensors(method, xs, **kwargs)
     assert got.dtype == want.dtype == out
@@ -149,6 +131,52 @@ def test_scalars_are_rounded_and_summed_as_torch_does(n):
                 assert np.float32(want).view(np.uint32) == got_divisor.view(np.uint32), (seed, weights)
 
 
+@pytest.mark.parametrize(("fine_tunes", "loops"), [(3, True), (4, False)])
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_model_stock_loops_take_as_many_pairs_as_torch_sums_in_order(monkeypatch, fine_tunes, loops, dtype):
+    xs = _inputs(70001, dtype, fine_tunes)
+    kwargs = dict(base_index=fine_tunes, chunk_elems=1 << 15, block_elems=1 << 14)
+    assert (direct.loop(_job("model_stock", xs, fine_tunes)) is not None) == loops
+    got = ex.merge_tensors("model_stock", xs, **kwargs)
+    monkeypatch.setattr(direct, "loop", lambda job: None)
+    want = ex.merge_tensors("model_stock", xs, **kwargs)
+    bits = torch.int16 if dtype == BF16 else torch.int32
+    assert torch.equal(got.view(bits), want.view(bits))
+
+
+def _job(method: str, xs: list[torch.Tensor], base_index: int | None):
+    from streammerge.checkpoint import TensorRef
+    from streammerge.plan import Job
+
+    code = CODES[xs[0].dtype]
+    refs = tuple(TensorRef("<memory>", 0, code, tuple(xs[0].shape)) for _ in xs)
+    params = tuple({} for _ in xs)
+    return Job("t", method, refs, base_index, params, {}, code, code, tuple(xs[0].shape), 0, 0)
+
+
+@pytest.mark.parametrize("count", [2, 3])
+@pytest.mark.parametrize("dtype", [BF16, F32])
+def test_model_stock_t_is_made_as_torch_makes_it(count, dtype):
+    """``direct.stock_t`` (numpy float32 ops rounded to D) against the kernel's torch ops:
+    cosines anywhere in [-1, 1], near the singular -1/(N-1), near 0, clamped, and norms
+    over twenty decades."""
+    from streammerge.methods.model_stock import _finish_t, _pairs
+
+    rng = np.random.default_rng(count)
+    pairs = _pairs(count)
+    for trial in range(2000):
+        sq = [float(v) for v in rng.uniform(0.1, 10, count) * 10.0 ** rng.integers(-10, 10)]
+        centre = (0.0, -1.0 / (count - 1), 0.0, 1.0)[trial % 4]
+        spread = (1.0, 1e-3, 1e-3, 1e-2)[trial % 4]
+        dots = [
+            float(rng.uniform(centre - spread, centre + spread)) * (sq[i] * sq[j]) ** 0.5 for i, j in pairs
+        ]
+        t = _finish_t(dict(zip(pairs, dots)), sq, count, dtype, pairs)
+        want = np.array([t.float().item(), (1 - t).float().item()], np.float32)
+        got = np.array(direct.stock_t(dots + sq, count, CODES[dtype]), np.float32)
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (trial, sq, dots)
+
+
 def test_a_merge_of_loops_and_copies_never_imports_torch(tiny, tmp_path):
     """linear and task_arithmetic over bfloat16 (and the copied non-float buffers) run with
     no torch in the process; a method with no loop here brings it in."""
@@ -156,14 +184,20 @@ def test_a_merge_of_loops_and_copies_never_imports_torch(tiny, tmp_path):
         "import sys; from streammerge.execute import merge; merge(sys.argv[1], sys.argv[2]);"
         "print('torch' in sys.modules)"
     )
-    for method, loads in (("linear", False), ("task_arithmetic", False), ("slerp", True)):
+    for method, loads in (
+        ("linear", False),
+        ("task_arithmetic", False),
+        ("model_stock", False),
+        ("slerp", True),
+    ):
         cfg = tmp_path / f"{method}.yml"
         each, shared = ("{}", "{t: 0.3}") if method == "slerp" else ("{weight: 0.5}", "{}")
+        each = "{}" if method == "model_stock" else each
+        models = [tiny["ft1"], tiny["ft2"]] if method == "model_stock" else [tiny["ft1"], tiny["base"]]
         cfg.write_text(
             f"merge_method: {method}\nbase_model: {tiny['base']}\nmodels:\n"
-            f"  - model: {tiny['ft1']}\n    parameters: {each}\n"
-            f"  - model: {tiny['base']}\n    parameters: {each}\n"
-            f"parameters: {shared}\ndtype: bfloat16\n"
+            + "".join(f"  - model: {m}\n    parameters: {each}\n" for m in models)
+            + f"parameters: {shared}\ndtype: bfloat16\n"
         )
         r = subprocess.run(
             [sys.executable, "-c", probe, str(cfg), str(tmp_path / method)], capture_output=True, text=True
@@ -233,6 +267,9 @@ def test_folding_a_span_is_folding_its_blocks_one_by_one(monkeypatch, dtype, met
         return dataclasses.replace(k, fold=fold)
 
     monkeypatch.setattr(ex, "get_kernel", spied)
+    monkeypatch.setattr(
+        direct, "loop", lambda job: None
+    )  # the kernel's folds (the loops' are compared above)
     monkeypatch.setattr(parallel, "_count", 2)  # runs of several blocks, as on 2 cores
     spans = ex.merge_tensors(method, xs, **kwargs)
     assert any(spanned)

@@ -19,15 +19,18 @@ DEFINITIONS = """\
   No merge can beat it by more than overlapping its reads and writes.
 - **MB/s**: input bytes read / seconds (MB = 10^6 bytes), for every tool.
 - **marginal MB/s** (size scaling): extra input bytes / extra seconds from one size to the
-  next: the throughput without the fixed cost of a run (starting Python, importing torch and
-  the compiled loops, ~1-2 s), which raw MB/s at small sizes includes; **marginal spread**:
+  next: the throughput without the fixed cost of a run (starting Python, loading the compiled
+  loops and, for methods that need it, torch: ~0.7-2.5 s), which raw MB/s at small sizes
+  includes; **marginal spread**:
   largest / smallest marginal MB/s - 1 (0% = time grows exactly linearly with size).
 - **x floor**: streammerge seconds / floor seconds for the same input files and output size
   (1.00 = as fast as the disk; below 1 means reads and writes overlapped).
 - **vs mergekit**: mergekit-yaml seconds / streammerge seconds (throughput ratio).
-- **peak RSS**: the child process's high-water mark (`wait4` ru_maxrss), interpreter and torch
-  included. **plan estimate**: `streammerge plan --json`'s `estimated_peak_rss_nbytes` (tensor
-  buffers for the same `--max-memory` plus the runtime's measured 356 MiB and 8 MiB of heap fragmentation); **estimate vs peak** = estimate / peak RSS - 1.
+- **peak RSS**: the child process's high-water mark (`wait4` ru_maxrss), interpreter (and
+  torch, where loaded) included. **plan estimate**: `streammerge plan --json`'s
+  `estimated_peak_rss_nbytes` (tensor buffers for the same `--max-memory` plus the runtime's
+  measured 152 MiB, and where a job runs a torch kernel torch's 204 MiB and 8 MiB of heap
+  fragmentation); **estimate vs peak** = estimate / peak RSS - 1.
 - **warm**: inputs read through the page cache before each run; **cold**: dropped from it with
   `posix_fadvise(DONTNEED)` before each run (the "cached" column, by `mincore`, shows it worked).
 """

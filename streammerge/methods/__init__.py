@@ -19,13 +19,11 @@ gives: a call per block costs more than a 64K-element block's compiled loop wher
 threads share the GIL. Combine blocks are independent, so they run one per thread at once, unless the kernel registers
 as ``ordered`` (its combine keeps ``state`` from block to block).
 
-Straight from the read bytes: a kernel may also give ``direct(xs, out, ...) -> bool``,
-which merges a block of the inputs as stored (their own dtypes) into ``out`` (the output
-dtype) when it can give exactly the bits of converting to D, combining and converting
-the result; it returns False, having written nothing, when it cannot, and the executor
-does just that. (CPU only: it saves a conversion of every input and a copy of the result.)
-linear and the gta family skip the kernel altogether for such jobs: ``direct.loop`` runs
-their compiled loop on the stored bytes with no torch in the process.
+Straight from the read bytes, with no kernel and no torch: jobs of linear, the gta family
+and model_stock whose inputs are stored as the loops take them run ``direct``'s compiled
+loops on the bytes as read, into the output dtype, with exactly the bits of converting
+to D, combining and converting the result (CPU only: it saves a conversion of every
+input, a copy of the result and torch's start-up).
 
 ``get_kernel(name)`` imports the kernel modules on first use, so planning never pays
 for torch, nor does a merge whose jobs all run ``direct`` loops or copy.
@@ -76,7 +74,6 @@ class Kernel:
     finish: Callable | None = None
     reduce: Callable | None = None
     ordered: bool = False  # combine sees a tensor's blocks in order (it keeps ``state``)
-    direct: Callable | None = None
     spans: bool = False  # fold takes a run of statistics blocks at once (keyword ``span``)
 
 
@@ -87,14 +84,13 @@ def register(
     finish: Callable | None = None,
     reduce: Callable | None = None,
     ordered: bool = False,
-    direct: Callable | None = None,
     spans: bool = False,
 ):
     """Decorator: make ``fn`` the combine kernel of method ``name`` (which needs a spec)."""
 
     def deco(fn: Callable) -> Callable:
         assert name in SPECS, f"kernel {name} has no MethodSpec"
-        _KERNELS[name] = Kernel(fn, fold, finish, reduce, ordered, direct, spans)
+        _KERNELS[name] = Kernel(fn, fold, finish, reduce, ordered, spans)
         return fn
 
     return deco

@@ -15,6 +15,7 @@ float32 operations (``fused``), and the scalars rounded as the kernels round the
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,17 +23,30 @@ from . import fused, parallel
 from .spec import GTA
 
 BITS = {"BF16": np.uint16, "F32": np.uint32}  # the loops' dtypes, as the integers they take
-Loop = Callable[[list[np.ndarray], np.ndarray], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Loop:
+    """A job's compiled loops over bits (blocks of each input as stored, in gather order).
+    ``combine(xs, out, stats)`` merges a block into the same block of the output's bits;
+    with a statistics pass, ``fold(xs, span)`` gives one row of sums per ``span``-element
+    block of ``xs`` and ``finish(rows)`` (the tensor's rows in block order) the statistic
+    ``combine`` finds in ``stats``."""
+
+    combine: Callable[[list[np.ndarray], np.ndarray, list], None]
+    fold: Callable[[list[np.ndarray], int], list] | None = None
+    finish: Callable[[list], object] | None = None
 
 
 def loop(job) -> Loop | None:
-    """``job``'s loop, ``run(xs, out)``: a block of each input's bits (as stored, in gather
-    order) merged into the same block of the output's bits; None where the job needs the
-    torch kernels (``plan.torch_free``; bit copies are the executor's own)."""
+    """``job``'s loops; None where the job needs the torch kernels (``plan.torch_free``;
+    bit copies are the executor's own)."""
     from ..plan import copies, torch_free
 
     if copies(job) or not torch_free(job):
         return None
+    if job.method == "model_stock":
+        return _stock(job)
     params = {k: [p.get(k) for p in job.input_params] for k in ("weight", "density")}
     normalize = job.shared_params.get("normalize", True)
     if job.method == "linear":
@@ -40,7 +54,9 @@ def loop(job) -> Loop | None:
         divisor = linear_divisor(weights, normalize)
         if divisor == 0:  # x / +0 is not "no division": the eager ops keep torch's inf/NaN
             return None  # (the planner rejects it)
-        return lambda xs, out: fused.weighted_sum(fused.pointers(xs), weights, out, bits_of(divisor))
+        return Loop(
+            lambda xs, out, stats: fused.weighted_sum(fused.pointers(xs), weights, out, bits_of(divisor))
+        )
     base = job.base_index
     others = [m for m in range(len(job.inputs)) if m != base]
     consensus = GTA[job.method].consensus
@@ -48,13 +64,71 @@ def loop(job) -> Loop | None:
     flags = (consensus == "sum", bool(normalize), divisor, np.float32(job.shared_params.get("lambda", 1.0)))
     kind = BITS[job.work_dtype](0)  # D's kind, for the loop's roundings
 
-    def run(xs: list[np.ndarray], out: np.ndarray) -> None:
+    def combine(xs: list[np.ndarray], out: np.ndarray, stats: list) -> None:
         b, models = xs[base], fused.pointers([xs[m] for m in others])
         parallel.run(
             lambda lo, hi: fused.combine(b, models, weights, out, lo, hi, *flags, False, kind), b.size
         )
 
-    return run
+    return Loop(combine)
+
+
+def _stock(job) -> Loop:
+    """model_stock over the whole tensor: the kernel's compiled statistics and combine, and
+    its t made as the kernel makes it (``stock_t``)."""
+    base = job.base_index
+    others = [m for m in range(len(job.inputs)) if m != base]
+    count, work = len(others), job.work_dtype
+    width = count * (count - 1) // 2 + count  # the pairs' dot products, then each squared norm
+
+    def fold(xs: list[np.ndarray], span: int) -> list:
+        n = xs[base].size
+        rows = np.empty((max(1, -(-n // span)), width))
+        fused.stock_sums(xs[base], tuple(xs[m] for m in others), max(span, 1), rows)
+        return [tuple(row) for row in rows.tolist()]
+
+    def finish(rows: list) -> tuple[np.float32, np.float32]:
+        totals = [0.0] * width
+        for row in rows:  # block order
+            totals = [s + r for s, r in zip(totals, row)]
+        return stock_t(totals, count, work)
+
+    def combine(xs: list[np.ndarray], out: np.ndarray, stats: list) -> None:
+        t, one_minus_t = stats[0]
+        fused.stock_combine(xs[base], tuple(xs[m] for m in others), t, one_minus_t, np.float32(count), out)
+
+    return Loop(combine, fold, finish)
+
+
+def stock_t(totals: list[float], count: int, work: str) -> tuple[np.float32, np.float32]:
+    """(t, 1 − t) of model_stock from the summed statistics (each pair's dot product, then
+    each delta's squared norm, as plain floats), each op a float32 op rounded to D as
+    ``model_stock._finish_t`` does it in torch: the cosines (clamped), their mean, then
+    ``t = N·c / (1 + (N − 1)·c)``, 0 where the denominator is within 1e-6 of 0."""
+    d = _to(work)
+    pairs = [(i, j) for i in range(count) for j in range(i + 1, count)]
+    dots, sq_norms = dict(zip(pairs, totals)), totals[len(pairs) :]
+    tiny, one = d(1e-6), np.float32(1)
+    cos = []
+    for i, j in pairs:
+        product = d(d(sq_norms[i] ** 0.5) * d(sq_norms[j] ** 0.5))
+        c = d(d(dots[(i, j)]) / np.maximum(product, tiny))
+        cos.append(np.minimum(np.maximum(c, -one), one))
+    total = np.float32(0)
+    for c in cos:
+        total = np.float32(total + c)
+    c = d(total / np.float32(len(cos)))
+    denominator = d(one + d(np.float32(count - 1) * c))
+    singular = abs(denominator) < tiny
+    t = np.float32(0) if singular else d(d(np.float32(count) * c) / denominator)
+    return t, d(one - t)
+
+
+def _to(work: str) -> Callable[[float], np.float32]:
+    """A value (a float, or a float32 op's result) rounded to D, as a float32."""
+    if work == "F32":
+        return np.float32
+    return lambda x: _bf16(np.array([x], np.float32))[0]
 
 
 def linear_divisor(coefficients: np.ndarray, normalize: bool) -> np.float32 | None:
@@ -98,7 +172,8 @@ def gta_scalars(weights: list[float], work: str, consensus: str | None) -> tuple
 
 
 def _bf16(x: np.ndarray) -> np.ndarray:
-    """float32 values rounded to bfloat16 (to nearest, ties to even), back as float32."""
+    """float32 values rounded to bfloat16 (to nearest, ties to even; NaN as 0x7FC0, as
+    torch rounds), back as float32."""
     u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
-    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
-    return rounded.astype(np.uint32).view(np.float32)
+    rounded = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32)
+    return np.where(np.isnan(x), np.uint32(0x7FC00000), rounded).view(np.float32)

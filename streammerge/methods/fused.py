@@ -532,6 +532,79 @@ def weighted_sum(xs, weights, out, divisor_bits):
                 o[j] = _round(acc[j], o[j])
 
 
+@numba.njit(inline="always", **_JIT)
+def add_squares(d, acc, n):
+    """``acc[j] += d[j]²`` in fp64 for the first ``n`` elements (one lane per element)."""
+    for j in range(n):
+        v = np.float64(d[j])
+        acc[j] += v * v
+
+
+@numba.njit(**_JIT)
+def lane_totals(lanes, out):
+    """``out[r]`` = the sum of row ``r`` of ``lanes`` (fp64): eight partial sums by lane
+    index mod 8, added in order."""
+    eight = np.empty(8)
+    for r in range(out.size):
+        eight[:] = 0.0
+        _add_lanes(lanes[r], eight)
+        s = 0.0
+        for k in range(8):
+            s += eight[k]
+        out[r] = s
+
+
+@numba.njit(**_JIT)  # compiled per number of fine-tunes (a tuple of arrays), cached on disk
+def stock_sums(base, xs, span, out):
+    """model_stock's statistics. Row k of ``out``, for the k-th ``span``-element block: for each pair a < b of
+    fine-tunes, Σ round(d_a·d_b); then for each, Σ d_a² (fp64; ``d_a`` = round(x_a − base)):
+    one partial sum per element position in a tile from the block's start (so the adds
+    vectorize), those summed by ``lane_totals``."""
+    n = len(xs)
+    d = np.empty((n, TILE), np.float32)
+    lanes = np.zeros((out.shape[1], TILE))
+    for k in range(out.shape[0]):
+        lanes[:] = 0.0
+        stop = min((k + 1) * span, base.size)
+        for lo in range(k * span, stop, TILE):
+            hi = min(lo + TILE, stop)
+            b = base[lo:hi]
+            for a in range(n):
+                x, da = xs[a][lo:hi], d[a]
+                for j in range(hi - lo):
+                    da[j] = _rounded(_load(x[j]) - _load(b[j]), b[j])
+            row = 0
+            for a in range(n):
+                for c in range(a + 1, n):
+                    da, dc, acc = d[a], d[c], lanes[row]
+                    for j in range(hi - lo):
+                        acc[j] += np.float64(_rounded(da[j] * dc[j], b[j]))
+                    row += 1
+            for a in range(n):
+                add_squares(d[a], lanes[row + a], hi - lo)
+        lane_totals(lanes, out[k])
+
+
+@numba.njit(**_JIT)
+def stock_combine(base, xs, t, one_minus_t, count, out):
+    """model_stock's combine: ``out`` = round(round(t·round(Σ x_i / N)) + round((1 − t)·base)), the sum a left
+    fold from +0 rounded after each addition, as the eager ops."""
+    acc = np.empty(TILE, np.float32)
+    for lo in range(0, base.size, TILE):
+        hi = min(lo + TILE, base.size)
+        b, x = base[lo:hi], xs[0][lo:hi]
+        for j in range(hi - lo):
+            acc[j] = _rounded(np.float32(0) + _load(x[j]), b[j])
+        for a in range(1, len(xs)):
+            x = xs[a][lo:hi]
+            for j in range(hi - lo):
+                acc[j] = _rounded(acc[j] + _load(x[j]), b[j])
+        o = out[lo:hi]
+        for j in range(hi - lo):
+            mean = _rounded(acc[j] / count, b[j])
+            o[j] = _round(_rounded(t * mean, b[j]) + _rounded(one_minus_t * _load(b[j]), b[j]), b[j])
+
+
 def pointers(arrays: list[np.ndarray]) -> np.ndarray:
     """The data addresses of contiguous arrays, as a loop taking any number of models wants
     them (``tensors.addresses`` for torch tensors). The caller keeps the arrays alive."""

@@ -22,12 +22,11 @@ On CPU in bfloat16 and float32 the statistics and the combine run as compiled lo
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import torch
 
 from . import register, tensors
-from .fused import _JIT, TILE, _add_lanes, _load, _round, _rounded
+from .fused import stock_combine, stock_sums
 
 
 def _offsets(xs, base_index):
@@ -58,86 +57,13 @@ def _pairs(n: int):
     return [(i, j) for i in range(n) for j in range(i + 1, n)]
 
 
-@numba.njit(inline="always", **_JIT)
-def add_squares(d, acc, n):
-    """``acc[j] += d[j]²`` in fp64 for the first ``n`` elements (one lane per element)."""
-    for j in range(n):
-        v = np.float64(d[j])
-        acc[j] += v * v
-
-
-@numba.njit(**_JIT)
-def lane_totals(lanes, out):
-    """``out[r]`` = the sum of row ``r`` of ``lanes`` (fp64): eight partial sums by lane
-    index mod 8, added in order."""
-    eight = np.empty(8)
-    for r in range(out.size):
-        eight[:] = 0.0
-        _add_lanes(lanes[r], eight)
-        s = 0.0
-        for k in range(8):
-            s += eight[k]
-        out[r] = s
-
-
-@numba.njit(**_JIT)  # compiled per number of fine-tunes (a tuple of arrays), cached on disk
-def _block_sums(base, xs, span, out):
-    """Row k of ``out``, for the k-th ``span``-element block: for each pair a < b of
-    fine-tunes, Σ round(d_a·d_b); then for each, Σ d_a² (fp64; ``d_a`` = round(x_a − base)):
-    one partial sum per element position in a tile from the block's start (so the adds
-    vectorize), those summed by ``lane_totals``."""
-    n = len(xs)
-    d = np.empty((n, TILE), np.float32)
-    lanes = np.zeros((out.shape[1], TILE))
-    for k in range(out.shape[0]):
-        lanes[:] = 0.0
-        stop = min((k + 1) * span, base.size)
-        for lo in range(k * span, stop, TILE):
-            hi = min(lo + TILE, stop)
-            b = base[lo:hi]
-            for a in range(n):
-                x, da = xs[a][lo:hi], d[a]
-                for j in range(hi - lo):
-                    da[j] = _rounded(_load(x[j]) - _load(b[j]), b[j])
-            row = 0
-            for a in range(n):
-                for c in range(a + 1, n):
-                    da, dc, acc = d[a], d[c], lanes[row]
-                    for j in range(hi - lo):
-                        acc[j] += np.float64(_rounded(da[j] * dc[j], b[j]))
-                    row += 1
-            for a in range(n):
-                add_squares(d[a], lanes[row + a], hi - lo)
-        lane_totals(lanes, out[k])
-
-
-@numba.njit(**_JIT)
-def _combine(base, xs, t, one_minus_t, count, out):
-    """``out`` = round(round(t·round(Σ x_i / N)) + round((1 − t)·base)), the sum a left
-    fold from +0 rounded after each addition, as the eager ops."""
-    acc = np.empty(TILE, np.float32)
-    for lo in range(0, base.size, TILE):
-        hi = min(lo + TILE, base.size)
-        b, x = base[lo:hi], xs[0][lo:hi]
-        for j in range(hi - lo):
-            acc[j] = _rounded(np.float32(0) + _load(x[j]), b[j])
-        for a in range(1, len(xs)):
-            x = xs[a][lo:hi]
-            for j in range(hi - lo):
-                acc[j] = _rounded(acc[j] + _load(x[j]), b[j])
-        o = out[lo:hi]
-        for j in range(hi - lo):
-            mean = _rounded(acc[j] / count, b[j])
-            o[j] = _round(_rounded(t * mean, b[j]) + _rounded(one_minus_t * _load(b[j]), b[j]), b[j])
-
-
 def _warm() -> None:
     """Compile (or load from numba's cache) the loops for two fine-tunes now, so the
     compiler's time and memory stay out of a merge."""
     for dtype in (torch.bfloat16, torch.float32):
         x = tensors.bits(torch.zeros(4, dtype=dtype))
-        _block_sums(x, (x, x), 4, np.empty((1, 3)))
-        _combine(x, (x, x), np.float32(0), np.float32(1), np.float32(2), x.copy())
+        stock_sums(x, (x, x), 4, np.empty((1, 3)))
+        stock_combine(x, (x, x), np.float32(0), np.float32(1), np.float32(2), x.copy())
 
 
 _warm()
@@ -155,7 +81,7 @@ def model_stock_fold(i, acc, xs, *, base_index, filter_wise=False, span=None):
     span = n if span is None else span
     if tensors.supports(w0):
         sums = np.empty((max(1, -(-n // span)), len(_pairs(len(ws))) + len(ws)))
-        _block_sums(tensors.bits(w0), tuple(tensors.bits(w) for w in ws), max(span, 1), sums)
+        stock_sums(tensors.bits(w0), tuple(tensors.bits(w) for w in ws), max(span, 1), sums)
         acc.extend(tuple(row) for row in sums.tolist())
         return acc
     for lo in range(0, max(n, 1), span):  # block by block: no temporaries the size of the span
@@ -195,25 +121,14 @@ def _row_wise(xs, rows: int, base_index):
 
 
 def _combine_into(xs, t, base_index, out) -> None:
-    """``_combine`` of the blocks ``xs`` (base at ``base_index``) into ``out``."""
+    """``stock_combine`` of the blocks ``xs`` (base at ``base_index``) into ``out``."""
     w0, ws = xs[base_index], [x for i, x in enumerate(xs) if i != base_index]
     weights = (np.float32(t.float().item()), np.float32((1 - t).float().item()), np.float32(len(ws)))
-    _combine(tensors.bits(w0), tuple(tensors.bits(w) for w in ws), *weights, tensors.bits(out))
-
-
-def model_stock_direct(xs, out, *, ctx, stats, base_index, filter_wise=False) -> bool:
-    """``model_stock`` of the inputs as stored straight into ``out`` (the output dtype) where
-    they, D and the output are one dtype (its loop rounds to the inputs' dtype); else False."""
-    same = ctx.work_dtype == out.dtype
-    if filter_wise or not same or not tensors.direct_ok(xs, out, ctx.work_dtype):
-        return False
-    _combine_into(xs, stats[0], base_index, out)
-    return True
+    stock_combine(tensors.bits(w0), tuple(tensors.bits(w) for w in ws), *weights, tensors.bits(out))
 
 
 @register(
-    "model_stock", fold=model_stock_fold, finish=model_stock_finish, reduce=model_stock_reduce, spans=True,
-    direct=model_stock_direct,
+    "model_stock", fold=model_stock_fold, finish=model_stock_finish, reduce=model_stock_reduce, spans=True
 )  # fmt: skip
 def model_stock(xs, *, ctx, stats, base_index, filter_wise=False):
     if filter_wise:

@@ -32,9 +32,8 @@ import torch
 
 from ..errors import MethodError
 from . import register, tensors
-from .fused import _JIT, TILE, _load, _round, _rounded
+from .fused import _JIT, TILE, _load, _round, _rounded, add_squares, lane_totals
 from .gta import fast_combine_exact
-from .model_stock import add_squares, lane_totals
 
 
 def _inputs(xs, base_index):

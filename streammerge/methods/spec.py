@@ -53,9 +53,10 @@ class MethodSpec:
     # runs compiled loops (``fused``), which make few block-sized temporaries; None: eager.
     # Called with the working dtype, the shared parameters and the number of inputs.
     compiled: Callable[[str, dict, int], tuple[int, int] | None] = lambda work_dtype, shared, n_inputs: None
-    # Whether a job runs straight from the read bytes into the output, no block temporaries:
-    # the torch-free ``direct.loop`` (linear, the gta family), else the kernel's ``direct``. Called with the inputs' stored dtype (one for all, else None),
-    # D, the output dtype, the shared and the per-input parameters.
+    # Whether a job without statistics passes runs straight from the read bytes into the
+    # output with no block temporaries (``direct.loop``, torch-free). Called with the inputs'
+    # stored dtype (one for all, else None), D, the output dtype, the shared and the
+    # per-input parameters.
     direct: Callable[[str | None, str, str, dict, tuple], bool] = lambda *job: False
     # Statistics passes over the whole tensor before the combine pass, by working dtype
     # and shared parameters (e.g. an exact magnitude threshold needs 1 pass for 16-bit
@@ -349,10 +350,6 @@ SPECS: dict[str, MethodSpec] = {
             passes=lambda work_dtype, shared: 0 if shared.get("filter_wise") else 1,
             stat_block=1 << 17,
             rows=lambda shared: bool(shared.get("filter_wise")),
-            # its loop rounds to the inputs' dtype: direct only where they, D and the output are one
-            direct=lambda stored, work, out, shared, input_params: (
-                direct_dtypes(stored, work, out) and work == stored and not shared.get("filter_wise")
-            ),
             summary="base + t * (mean fine-tune - base), t from the angle between the deltas",
         ),  # fmt: skip
         MethodSpec(
