@@ -1,13 +1,12 @@
-"""Merges straight from the read bytes give the bits of the usual path: each input
-converted to D, combined, the result converted to the output dtype.
+"""Merges straight from the read bytes (``direct.loop``, no torch) give the bits of the
+usual path: each input converted to D, combined, the result converted to the output dtype.
 
 linear and the gta family with nothing pruned and no statistics pass (task_arithmetic; dare
-at density 1 without rescaling) run their compiled loop on the inputs as stored, without torch (``direct.loop``), and write
-the output dtype; model_stock's kernel does (``Kernel.direct``) where inputs, D and output
-are one dtype; every other case must decline (write nothing) and leave the block to the
-usual path. Special values
-(NaN, infinities, signed zeros, subnormals, bfloat16 rounding ties) sit at the start and in
-the last, partial tile and vector of each block.
+at density 1 without rescaling) run their compiled loop on the inputs as stored and write
+the output dtype, model_stock its statistics and combine where inputs, D and output are one
+dtype; every other job must get no loops and run the kernels. Special values (NaN,
+infinities, signed zeros, subnormals, bfloat16 rounding ties) sit at the start and in the
+last, partial tile and vector of each block.
 """
 
 from __future__ import annotations

@@ -1,15 +1,13 @@
 """Torch tensors as the compiled loops (``fused``) take them: integer views of their bits,
 their data addresses, and whether a loop can take them at all; and the torch dtype of each
-safetensors dtype code. The executor's and the kernels' torch room: ``fused`` stays
-torch-free.
+safetensors dtype code. The kernels' (and the executor's) torch room: ``fused`` and
+``direct`` stay torch-free.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-
-from .spec import direct_dtypes
 
 DTYPES = {
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
@@ -31,16 +29,6 @@ def bits(x: torch.Tensor) -> np.ndarray:
     """A CPU tensor's elements as a flat numpy integer view (a view when contiguous, so
     a loop's writes land in the tensor)."""
     return x.contiguous().view(BITS[x.dtype]).reshape(-1).numpy()
-
-
-def direct_ok(xs: list[torch.Tensor], out: torch.Tensor, work: torch.dtype) -> bool:
-    """Whether a loop can merge ``xs`` as stored straight into ``out``: all stored as
-    ``out`` is, as bfloat16 or float32, with D that dtype or float32 over bfloat16 (each
-    element widened exactly on load)."""
-    stored = out.dtype if all(x.dtype == out.dtype for x in xs) else None
-    cpu = supports(out) and all(supports(x) for x in xs)
-    contiguous = out.is_contiguous() and all(x.is_contiguous() for x in xs)  # read and written in place
-    return cpu and contiguous and direct_dtypes(CODE.get(stored), CODE.get(work, ""), CODE[out.dtype])
 
 
 def addresses(xs: list[torch.Tensor]) -> np.ndarray:
