@@ -122,7 +122,9 @@ def test_scalars_are_rounded_and_summed_as_torch_does(n):
             total = w.float().cumsum(0)[-1:].to(work).float().item()
             for consensus in (None, "sum"):
                 want = 1.0 if consensus == "sum" or abs(total) < 1e-8 else total
-                got_w, got_divisor = direct.gta_scalars(weights, CODES[work], consensus)
+                got_w, (_, _, got_divisor, _), _ = direct.gta_scalars(
+                    weights, CODES[work], consensus, True, 1.0
+                )
                 assert np.array_equal(got_w.view(np.uint32), w.float().numpy().view(np.uint32)), (
                     seed,
                     weights,

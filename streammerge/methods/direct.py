@@ -1,15 +1,17 @@
-"""Jobs merged by one compiled loop straight from the stored bytes into the output, with no
-torch: linear, and the gta family where no fine-tune is pruned (task_arithmetic; ties and
-dare at density 1), wherever the plan counts the job as direct (``plan.direct``: one stored
-dtype, the output's, bfloat16 or float32, with D that dtype or float32 over bfloat16) and
-torch-free (``plan.torch_free``). A merge made of these and bit copies never imports torch:
-~2 s of start-up and ~200 MiB, against the ~3 s a 3 x 2.9 GB linear merge takes to read
-and write here.
+"""Jobs merged by compiled loops straight from the stored bytes into the output, with no
+torch, wherever ``plan.torch_free`` says so: linear, and the gta family where no fine-tune
+is pruned and no statistics pass is planned (task_arithmetic; dare at density 1 without
+rescaling), over one stored dtype that is the output's (bfloat16 or float32) with D that
+dtype or float32 over bfloat16; and model_stock over the whole tensor with inputs, D and
+output one dtype. A merge made of these and bit copies never imports torch: ~2 s of
+start-up and ~200 MiB, against the ~3 s a 3 x 2.9 GB linear merge takes to read and write
+here.
 
 Each loop gives the bits of the torch path (every input converted to D, the kernel's
 combine, the result converted to the output dtype; ``tests/test_direct.py``): the same
 float32 operations (``fused``), and the scalars rounded as the kernels round them
-(``linear_divisor``, ``gta_scalars``, checked against torch in tests).
+(``linear_scalars``, ``gta_scalars``, ``stock_t``, checked against torch in tests). The
+kernels call the same functions for their compiled paths, so each rule is written once.
 """
 
 from __future__ import annotations
@@ -47,28 +49,23 @@ def loop(job) -> Loop | None:
         return None
     if job.method == "model_stock":
         return _stock(job)
-    params = {k: [p.get(k) for p in job.input_params] for k in ("weight", "density")}
+    weight = [p.get("weight") for p in job.input_params]
     normalize = job.shared_params.get("normalize", True)
     if job.method == "linear":
-        weights = np.array(params["weight"], np.float32)  # as torch.tensor(weight, float32) rounds
-        divisor = linear_divisor(weights, normalize)
-        if divisor == 0:  # x / +0 is not "no division": the eager ops keep torch's inf/NaN
-            return None  # (the planner rejects it)
-        return Loop(
-            lambda xs, out, stats: fused.weighted_sum(fused.pointers(xs), weights, out, bits_of(divisor))
-        )
+        scalars = linear_scalars(weight, normalize)
+        if scalars is None:  # the eager ops keep torch's inf/NaN (the planner rejects it)
+            return None
+        weights, divisor = scalars
+        return Loop(lambda xs, out, stats: fused.weighted_sum(fused.pointers(xs), weights, out, divisor))
     base = job.base_index
     others = [m for m in range(len(job.inputs)) if m != base]
-    consensus = GTA[job.method].consensus
-    weights, divisor = gta_scalars([params["weight"][m] for m in others], job.work_dtype, consensus)
-    flags = (consensus == "sum", bool(normalize), divisor, np.float32(job.shared_params.get("lambda", 1.0)))
-    kind = BITS[job.work_dtype](0)  # D's kind, for the loop's roundings
+    lam = job.shared_params.get("lambda", 1.0)
+    scalars = gta_scalars(
+        [weight[m] for m in others], job.work_dtype, GTA[job.method].consensus, normalize, lam
+    )
 
     def combine(xs: list[np.ndarray], out: np.ndarray, stats: list) -> None:
-        b, models = xs[base], fused.pointers([xs[m] for m in others])
-        parallel.run(
-            lambda lo, hi: fused.combine(b, models, weights, out, lo, hi, *flags, False, kind), b.size
-        )
+        gta_combine(xs[base], fused.pointers([xs[m] for m in others]), out, scalars, are_deltas=False)
 
     return Loop(combine)
 
@@ -79,25 +76,36 @@ def _stock(job) -> Loop:
     base = job.base_index
     others = [m for m in range(len(job.inputs)) if m != base]
     count, work = len(others), job.work_dtype
-    width = count * (count - 1) // 2 + count  # the pairs' dot products, then each squared norm
 
     def fold(xs: list[np.ndarray], span: int) -> list:
-        n = xs[base].size
-        rows = np.empty((max(1, -(-n // span)), width))
-        fused.stock_sums(xs[base], tuple(xs[m] for m in others), max(span, 1), rows)
-        return [tuple(row) for row in rows.tolist()]
+        return stock_rows(xs[base], [xs[m] for m in others], span)
 
     def finish(rows: list) -> tuple[np.float32, np.float32]:
-        totals = [0.0] * width
-        for row in rows:  # block order
-            totals = [s + r for s, r in zip(totals, row)]
-        return stock_t(totals, count, work)
+        return stock_t(stock_totals(rows), count, work)
 
     def combine(xs: list[np.ndarray], out: np.ndarray, stats: list) -> None:
         t, one_minus_t = stats[0]
         fused.stock_combine(xs[base], tuple(xs[m] for m in others), t, one_minus_t, np.float32(count), out)
 
     return Loop(combine, fold, finish)
+
+
+def stock_rows(base: np.ndarray, models: list[np.ndarray], span: int) -> list[tuple]:
+    """model_stock's statistics of each ``span``-element block of the bits ``base`` and
+    ``models`` (``fused.stock_sums``): a row per block of each pair's dot product, then
+    each delta's squared norm."""
+    count = len(models)
+    rows = np.empty((max(1, -(-base.size // span)), count * (count - 1) // 2 + count))
+    fused.stock_sums(base, tuple(models), max(span, 1), rows)
+    return [tuple(row) for row in rows.tolist()]
+
+
+def stock_totals(rows: list[tuple]) -> list[float]:
+    """The rows of a tensor's blocks summed column by column, in block order."""
+    totals = [0.0] * len(rows[0])
+    for row in rows:
+        totals = [s + r for s, r in zip(totals, row)]
+    return totals
 
 
 def stock_t(totals: list[float], count: int, work: str) -> tuple[np.float32, np.float32]:
@@ -131,6 +139,18 @@ def _to(work: str) -> Callable[[float], np.float32]:
     return lambda x: _bf16(np.array([x], np.float32))[0]
 
 
+def linear_scalars(weight: list[float], normalize: bool) -> tuple[np.ndarray, np.uint32] | None:
+    """``fused.weighted_sum``'s (weights, divisor bits): the weights as
+    ``torch.tensor(weight, dtype=float32)`` rounds them, and the bits of their sum
+    (``linear_divisor``; 0 for no division); None for a zero sum with ``normalize`` (x / +0
+    is not "no division": the eager ops keep torch's inf/NaN)."""
+    weights = np.array(weight, np.float32)
+    divisor = linear_divisor(weights, normalize)
+    if divisor == 0:
+        return None
+    return weights, np.uint32(0) if divisor is None else np.float32(divisor).view(np.uint32)
+
+
 def linear_divisor(coefficients: np.ndarray, normalize: bool) -> np.float32 | None:
     """Σ c of linear's float32 weights as torch sums them (``coefficients.sum()``), None
     without ``normalize`` (no division). Torch adds up to ``IN_ORDER_SUM`` in order; beyond
@@ -149,15 +169,12 @@ def linear_divisor(coefficients: np.ndarray, normalize: bool) -> np.float32 | No
     return total
 
 
-def bits_of(divisor: np.float32 | None) -> np.uint32:
-    """``weighted_sum``'s divisor argument: the float32's bits; 0 (no division) for None."""
-    return np.uint32(0) if divisor is None else np.float32(divisor).view(np.uint32)
-
-
-def gta_scalars(weights: list[float], work: str, consensus: str | None) -> tuple[np.ndarray, np.float32]:
-    """(weights, divisor) for ``fused.combine``: the fine-tunes' weights as
-    ``torch.tensor(weights, dtype=D)`` rounds them (through float32), as float32; and their
-    sum as ``cumsum`` makes it (in order, in float64) rounded to float32 and to D, or 1 for the "sum" consensus or a sum under 1e-8
+def gta_scalars(weights: list[float], work: str, consensus: str | None, normalize: bool, lam: float) -> tuple:
+    """``fused.combine``'s scalars for the fine-tunes' ``weights``, D (``work``) and the
+    preset's ``consensus``: (the weights as ``torch.tensor(weights, dtype=D)`` rounds them,
+    through float32, as float32; the flags elect, normalize, divisor, lambda; D's kind).
+    The divisor is the weights' sum as ``cumsum`` makes it (in order, in float64) rounded to
+    float32 and to D, or 1 for the "sum" consensus or a sum under 1e-8
     (``gta.combine_eager``'s rule)."""
     w = np.array(weights, np.float32)
     if work == "BF16":
@@ -168,7 +185,20 @@ def gta_scalars(weights: list[float], work: str, consensus: str | None) -> tuple
     total = np.float32(total)
     if work == "BF16":
         total = _bf16(np.array([total]))[0]
-    return w, np.float32(1.0 if consensus == "sum" or abs(total) < 1e-8 else total)
+    divisor = np.float32(1.0 if consensus == "sum" or abs(total) < 1e-8 else total)
+    return w, (consensus == "sum", bool(normalize), divisor, np.float32(lam)), BITS[work](0)
+
+
+def gta_combine(
+    base: np.ndarray, models: np.ndarray, out: np.ndarray, scalars: tuple, are_deltas: bool
+) -> None:
+    """``fused.combine`` over all of ``base`` (bits) in parts on every core: ``models`` the
+    fine-tunes' addresses (their pruned deltas when ``are_deltas``), ``scalars`` from
+    ``gta_scalars``."""
+    w, flags, kind = scalars
+    parallel.run(
+        lambda lo, hi: fused.combine(base, models, w, out, lo, hi, *flags, are_deltas, kind), base.size
+    )
 
 
 def _bf16(x: np.ndarray) -> np.ndarray:

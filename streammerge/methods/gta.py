@@ -425,15 +425,11 @@ def _combine_fused(base, deltas, weights, consensus, normalize, lam) -> torch.Te
     base's dtype). ``deltas``: the (n_models, *block) pruned deltas, or a list of the models'
     blocks when none is pruned (their deltas are then made inside the loop, a tile at a
     time; ``direct`` runs the same loop from the stored bytes)."""
-    work = base.dtype
-    w, divisor = direct.gta_scalars(weights, tensors.CODE[work], consensus)
+    scalars = direct.gta_scalars(weights, tensors.CODE[base.dtype], consensus, normalize, lam)
     out = torch.empty_like(base, memory_format=torch.contiguous_format)
-    b, o = tensors.bits(base), tensors.bits(out)
-    flags = (consensus == "sum", bool(normalize), divisor, np.float32(lam))
     are_deltas = not isinstance(deltas, list)
-    xs = tensors.addresses(list(deltas.reshape(len(weights), -1)) if are_deltas else deltas)
-    d = tensors.KEY[work](0)  # D's kind, for the loop's roundings
-    parallel.run(lambda lo, hi: fused.combine(b, xs, w, o, lo, hi, *flags, are_deltas, d), base.numel())
+    models = tensors.addresses(list(deltas.reshape(len(weights), -1)) if are_deltas else deltas)
+    direct.gta_combine(tensors.bits(base), models, tensors.bits(out), scalars, are_deltas)
     return out
 
 

@@ -18,7 +18,6 @@ after.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from . import direct, fused, register
@@ -38,11 +37,11 @@ def _eager(xs: list[torch.Tensor], weight: list[float], normalize: bool) -> torc
 
 def _compiled(xs, out, weight, normalize) -> bool:
     """Run the loop into ``out``; False where the eager ops must (a zero weight sum)."""
-    coefficients = np.array(weight, np.float32)  # as torch.tensor(weight, dtype=float32) rounds
-    divisor = direct.linear_divisor(coefficients, normalize)
-    if divisor == 0:  # x / +0 is not "no division": keep torch's inf/NaN
+    scalars = direct.linear_scalars(weight, normalize)
+    if scalars is None:  # a zero sum: keep torch's inf/NaN
         return False
-    fused.weighted_sum(addresses(xs), coefficients, bits(out), direct.bits_of(divisor))
+    weights, divisor = scalars
+    fused.weighted_sum(addresses(xs), weights, bits(out), divisor)
     return True
 
 

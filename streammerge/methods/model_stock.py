@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import register, tensors
+from . import direct, register, tensors
 from .fused import stock_combine, stock_sums
 
 
@@ -80,9 +80,7 @@ def model_stock_fold(i, acc, xs, *, base_index, filter_wise=False, span=None):
     n = w0.numel()
     span = n if span is None else span
     if tensors.supports(w0):
-        sums = np.empty((max(1, -(-n // span)), len(_pairs(len(ws))) + len(ws)))
-        stock_sums(tensors.bits(w0), tuple(tensors.bits(w) for w in ws), max(span, 1), sums)
-        acc.extend(tuple(row) for row in sums.tolist())
+        acc.extend(direct.stock_rows(tensors.bits(w0), [tensors.bits(w) for w in ws], span))
         return acc
     for lo in range(0, max(n, 1), span):  # block by block: no temporaries the size of the span
         base = w0.reshape(-1)[lo : lo + span]
@@ -97,9 +95,7 @@ def model_stock_reduce(i, acc, partial, **params):
 
 
 def model_stock_finish(i, acc, *, ctx, base_index, filter_wise=False):
-    totals = [0.0] * len(acc[0])
-    for part in acc:  # block order
-        totals = [s + p for s, p in zip(totals, part)]
+    totals = direct.stock_totals(acc)
     count = round(((8 * len(totals) + 1) ** 0.5 - 1) / 2)  # len(totals) = count·(count + 1)/2
     pairs = _pairs(count)
     return _finish_t(dict(zip(pairs, totals)), totals[len(pairs) :], count, ctx.work_dtype, pairs)
