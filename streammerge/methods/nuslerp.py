@@ -6,9 +6,11 @@ mergekit 0.1.5's ``nuslerp``, all in the working dtype D with no upcast.
 come from statistics passes, summed in fp64 over fixed blocks and rounded to D, where
 mergekit sums in D with torch's whole-tensor reduction, so the cosine can differ in its
 last bit (counted by the parity tool). Without flattening every row is its own vector and
-the computation is mergekit's own, bit for bit. ``nuslerp_row_wise`` (without flattening;
-vectors along dim 0, i.e. the columns of a matrix, the reverse of mergekit's docs' wording)
-gets each column's norms and cosine from the same two passes, one fp64 sum per column.
+the computation is mergekit's own, bit for bit: torch's reductions (the rows' norms and
+cosines, in its summation order), the element-wise steps in compiled loops for bfloat16
+and float32. ``nuslerp_row_wise`` (without flattening; vectors along dim 0, i.e. the
+columns of a matrix, the reverse of mergekit's docs' wording) gets each column's norms and
+cosine from the same two passes, one fp64 sum per column.
 
 Each statistics block's sums start from +0 and join the running sums in block order, so
 blocks fold on every core with the same bits. For bfloat16 and float32 on CPU the two
@@ -27,9 +29,11 @@ import dataclasses
 import numba
 import numpy as np
 import torch
+from numba import types
+from numba.extending import overload
 
 from . import register, tensors
-from .fused import _JIT, TILE, _add_lanes, _load, _loop, _round, _rounded
+from .fused import _JIT, TILE, _add_lanes, _deltas, _load, _loop, _round, _rounded
 
 EPS = 1e-8
 
@@ -322,15 +326,48 @@ def column_block(x0, x1, base, has_base, first, ncols, norms, part):
         pos += seg
 
 
+def _at(a, j):
+    """``a[j]``, or ``a`` itself when it is a number (one coefficient for a whole row)."""
+
+
+@overload(_at, jit_options={"inline": "always"})
+def _at_impl(a, j):
+    if isinstance(a, types.Array):
+        return lambda a, j: a[j]
+    return lambda a, j: a
+
+
+@numba.njit(inline="always", **_JIT)
+def _slerp(x, b, has_base, v0, v1, s0, s1, sn, lin, paths, s, t, r, o):
+    """``o[:x.size]`` = (``b`` +) the slerp of v0 and v1 (float32 task vectors of D values)
+    with coefficients ``s0``, ``s1``, ``sn`` = sin((1-t)θ), sin(tθ), sin θ, or the lerp
+    (1-t)·v0 + t·v1 (``s`` = 1 - t) where ``lin``; every product, sum and quotient rounded
+    to D (``x``'s dtype). The coefficients and ``lin`` are arrays by element or one value
+    each. ``paths``: 0 when no element is colinear, 1 when all are, else 2 (each picks)."""
+    n = x.size
+    if paths != 1:
+        for j in range(n):
+            arc = _rounded(_rounded(_at(s0, j) * v0[j], x[j]) + _rounded(_at(s1, j) * v1[j], x[j]), x[j])
+            r[j] = _rounded(arc / _at(sn, j), x[j])
+    if paths != 0:
+        for j in range(n):
+            line = _rounded(_rounded(s * v0[j], x[j]) + _rounded(t * v1[j], x[j]), x[j])
+            r[j] = line if paths == 1 or _at(lin, j) else r[j]
+    if has_base:
+        for j in range(n):
+            o[j] = _round(_load(b[j]) + r[j], x[j])
+    else:
+        for j in range(n):
+            o[j] = _round(r[j], x[j])
+
+
 @_loop(
     "void({T}[::1], {T}[::1], {T}[::1], boolean, int64, float32[:, ::1], boolean[::1], int64, float32, float32,"
     " {T}[::1])"
 )
 def interpolate(x0, x1, base, has_base, first, coef, colinear, paths, s, t, out):
-    """``out`` = (base +) the slerp of v0 and v1 with each column's coefficients ``coef``
-    (3, ncols) = sin((1-t)θ), sin(tθ), sin θ, or the lerp (1-t)·v0 + t·v1 (``s`` = 1 - t)
-    where the column is ``colinear``; every product, sum and quotient rounded to D.
-    ``paths``: 0 when no column is colinear, 1 when all are, else 2 (each element picks)."""
+    """``out`` = (base +) ``_slerp`` of v0 and v1 with each column's coefficients ``coef``
+    (3, ncols) = sin((1-t)θ), sin(tθ), sin θ, and ``colinear`` flags."""
     v0 = np.empty(TILE, np.float32)
     v1 = np.empty(TILE, np.float32)
     r = np.empty(TILE, np.float32)
@@ -339,36 +376,59 @@ def interpolate(x0, x1, base, has_base, first, coef, colinear, paths, s, t, out)
     while pos < n:
         c = (first + pos) % ncols
         seg = min(ncols - c, n - pos, TILE)
-        x, b, o = x0[pos : pos + seg], base[pos : pos + seg], out[pos : pos + seg]
+        x, b = x0[pos : pos + seg], base[pos : pos + seg]
         _task(x, b, has_base, v0)
         _task(x1[pos : pos + seg], b, has_base, v1)
-        s0, s1, sn, lin = (
-            coef[0, c : c + seg],
-            coef[1, c : c + seg],
-            coef[2, c : c + seg],
-            colinear[c : c + seg],
+        s0, s1, sn = coef[0, c : c + seg], coef[1, c : c + seg], coef[2, c : c + seg]
+        _slerp(
+            x, b, has_base, v0, v1, s0, s1, sn, colinear[c : c + seg], paths, s, t, r, out[pos : pos + seg]
         )
-        if paths != 1:
-            for j in range(seg):
-                arc = _rounded(_rounded(s0[j] * v0[j], x[j]) + _rounded(s1[j] * v1[j], x[j]), x[j])
-                r[j] = _rounded(arc / sn[j], x[j])
-        if paths != 0:
-            for j in range(seg):
-                line = _rounded(_rounded(s * v0[j], x[j]) + _rounded(t * v1[j], x[j]), x[j])
-                r[j] = line if paths == 1 or lin[j] else r[j]
-        if has_base:
-            for j in range(seg):
-                o[j] = _round(_load(b[j]) + r[j], x[j])
-        else:
-            for j in range(seg):
-                o[j] = _round(r[j], x[j])
         pos += seg
+
+
+@_loop("void({T}[::1], {T}[::1], {T}[::1], {T}[::1], {T}[::1])")
+def task_vectors(x0, x1, base, v0, v1):
+    """``v0``, ``v1`` = the bits of ``x0 - base``, ``x1 - base`` in D."""
+    _deltas(x0, base, v0)
+    _deltas(x1, base, v1)
+
+
+@_loop("void({T}[::1], {T}[::1], int64, float32[:, ::1], {T}[::1])")
+def row_products(v0, v1, row, norms, out):
+    """Per-row mode: ``out`` = (v0 / n0)·(v1 / n1), each quotient and product rounded to D,
+    with row k's norms ``norms[:, k]`` (the block's rows, ``row`` elements each)."""
+    for k in range(v0.size // row):
+        a, b, o = v0[k * row : (k + 1) * row], v1[k * row : (k + 1) * row], out[k * row : (k + 1) * row]
+        n0, n1 = norms[0, k], norms[1, k]
+        for j in range(row):
+            o[j] = _round(_rounded(_load(a[j]) / n0, a[j]) * _rounded(_load(b[j]) / n1, a[j]), a[j])
+
+
+@_loop(
+    "void({T}[::1], {T}[::1], {T}[::1], boolean, int64, float32[:, ::1], boolean[::1], float32, float32, {T}[::1])"
+)
+def interpolate_rows(v0, v1, base, has_base, row, coef, colinear, s, t, out):
+    """Per-row mode: ``out`` = (base +) ``_slerp`` of the task vectors v0 and v1 (bits of
+    D), row k (``row`` elements) with coefficients ``coef[:, k]`` and ``colinear[k]``."""
+    a = np.empty(TILE, np.float32)
+    b = np.empty(TILE, np.float32)
+    r = np.empty(TILE, np.float32)
+    for k in range(v0.size // row):
+        s0, s1, sn, lin = coef[0, k], coef[1, k], coef[2, k], colinear[k]
+        for lo in range(k * row, (k + 1) * row, TILE):
+            hi = min(lo + TILE, (k + 1) * row)
+            x = v0[lo:hi]
+            _task(x, x, False, a)
+            _task(v1[lo:hi], x, False, b)
+            _slerp(x, base[lo:hi], has_base, a, b, s0, s1, sn, lin, int(lin), s, t, r, out[lo:hi])
 
 
 @register("nuslerp", fold=nuslerp_fold, finish=nuslerp_finish, reduce=nuslerp_reduce, spans=True)
 def nuslerp(xs, *, ctx, stats, base_index, weight, nuslerp_flatten=True, nuslerp_row_wise=False):
     if stats and tensors.supports(xs[0]):
         return _combine_compiled(xs, ctx, stats, base_index, weight)
+    if not stats and tensors.supports(xs[0]):  # per row
+        return _rows_compiled(xs, ctx, base_index, weight)
     base, v0, v1, others = _vectors(xs, base_index)
     t = _t(weight, others)
     if nuslerp_flatten:
@@ -386,13 +446,19 @@ def nuslerp(xs, *, ctx, stats, base_index, weight, nuslerp_flatten=True, nuslerp
     return result if base is None else base + result
 
 
+def _coefficients(t: float, angles) -> tuple[np.ndarray, np.ndarray]:
+    """(sin((1-t)θ), sin(tθ), sin θ) as float32 (3, vectors) and the colinear flags, made
+    by ``_interpolate``'s torch ops from the angles (colinear, θ, sin θ)."""
+    colinear, theta, sin_theta = (a.reshape(-1) for a in angles)
+    coef = torch.stack([torch.sin((1 - t) * theta), torch.sin(t * theta), sin_theta]).float().numpy()
+    return coef, colinear.numpy()
+
+
 def _combine_compiled(xs, ctx, stats, base_index, weight) -> torch.Tensor:
     """``_interpolate`` (plus the base) in one compiled loop, each column's (or the whole
     tensor's) coefficients computed by the same torch ops as there."""
     t = _t(weight, [i for i in range(len(xs)) if i != base_index])
-    colinear, theta, sin_theta = stats[1]
-    coef = torch.stack([torch.sin((1 - t) * theta), torch.sin(t * theta), sin_theta]).float().numpy()
-    lin = colinear.numpy()
+    coef, lin = _coefficients(t, stats[1])
     if coef.shape[1] < TILE:  # few columns: repeat them, so the loop runs long segments
         reps = -(-TILE // coef.shape[1])
         coef, lin = np.tile(coef, (1, reps)), np.tile(lin, reps)
@@ -400,4 +466,27 @@ def _combine_compiled(xs, ctx, stats, base_index, weight) -> torch.Tensor:
     out = torch.empty_like(xs[0], memory_format=torch.contiguous_format)
     operands = _operands(xs, base_index)
     interpolate(*operands, ctx.offset, coef, lin, paths, np.float32(1 - t), np.float32(t), tensors.bits(out))
+    return out
+
+
+def _rows_compiled(xs, ctx, base_index, weight) -> torch.Tensor:
+    """Per-row mode: mergekit's ops with the element-wise steps in compiled loops and its
+    reductions (the rows' norms and cosines) left to torch, whose summation order they
+    keep: the task vectors, the norms, the products of the normalised rows (a loop), their
+    sums, the angles, then the slerp plus the base (a loop)."""
+    others = [i for i in range(len(xs)) if i != base_index]
+    x0, x1, base_bits, has_base = _operands(xs, base_index)
+    v0, v1 = (torch.empty_like(xs[0]) if has_base else xs[i] for i in others)
+    if has_base:
+        task_vectors(x0, x1, base_bits, _bits(v0.reshape(-1)), _bits(v1.reshape(-1)))
+    v0, v1 = (v.reshape(-1, ctx.row) for v in (v0, v1))
+    norms = torch.stack([torch.norm(v, dim=-1).clamp(min=1e-7) for v in (v0, v1)]).float().numpy()
+    bits0, bits1 = _bits(v0.reshape(-1)), _bits(v1.reshape(-1))
+    products = torch.empty_like(v0)
+    row_products(bits0, bits1, ctx.row, norms, _bits(products.reshape(-1)))
+    t = _t(weight, others)
+    coef, lin = _coefficients(t, _angle(torch.sum(products, dim=-1).clamp(-1, 1)))
+    out = torch.empty_like(xs[0], memory_format=torch.contiguous_format)
+    interpolate_rows(bits0, bits1, base_bits, has_base, ctx.row, coef, lin,
+                     np.float32(1 - t), np.float32(t), tensors.bits(out))  # fmt: skip
     return out
