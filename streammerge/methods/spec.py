@@ -216,9 +216,12 @@ def _nuslerp_stats(shared: dict) -> bool:
 
 
 def _nuslerp_compiled(work_dtype: str, shared: dict, n_inputs: int) -> tuple[int, int] | None:
-    """nuslerp's compiled loops run the statistics modes for bfloat16 and float32: a
-    work-dtype copy of each input (none when it is already in D) and the output."""
-    return (1, 1) if _nuslerp_stats(shared) and work_dtype in ("BF16", "F32") else None
+    """nuslerp's compiled loops run for bfloat16 and float32: a work-dtype copy of each
+    input (none when it is already in D) and the output; per row also the two task
+    vectors and the normalised products."""
+    if work_dtype not in ("BF16", "F32"):
+        return None
+    return (1, 1) if _nuslerp_stats(shared) else (1, 4)
 
 
 def _select_passes(work_dtype: str) -> int:
@@ -275,7 +278,7 @@ SPECS: dict[str, MethodSpec] = {
             min_inputs=2,
             max_inputs=3,
             scratch_per_input=3,
-            scratch_fixed=3,  # measured (rows mode, 1.5-6 GB per model)
+            scratch_fixed=3,  # measured (eager rows mode, 1.5-6 GB per model)
             compiled=_nuslerp_compiled,
             passes=lambda work_dtype, shared: 2 if _nuslerp_stats(shared) else 0,
             rows=lambda shared: not _nuslerp_stats(shared),
