@@ -332,8 +332,21 @@ def apply_tokenizer(cfg, ckpts: list, ref_i: int, promote) -> tuple[list, VocabP
         present, maps = row_maps(plan, spec, vocabs, refs, cfg.base_index, models, dtype)
         for i, rm in zip(present, maps):
             r = refs[i]
-            tensors[i][name] = TensorRef(r.path, r.offset, dtype, (plan.n_padded, *r.shape[1:]), rm)
+            if not _as_stored(rm, r, plan.n_padded, dtype):
+                tensors[i][name] = TensorRef(r.path, r.offset, dtype, (plan.n_padded, *r.shape[1:]), rm)
     return [replace(c, tensors=t) for c, t in zip(ckpts, tensors)], plan
+
+
+def _as_stored(rm, ref, n_padded: int, dtype: str) -> bool:
+    """Whether row map ``rm`` gives ``ref``'s bytes as they are: every row from ``ref``
+    itself, in order, none defaulted or padded, no dtype change (then ``ref`` is read
+    plainly: no derivation, and the job can run straight from the stored bytes)."""
+    n = ref.shape[0]
+    if dtype != ref.dtype or n_padded != n or rm.n_real != n or rm.defaults:
+        return False
+    if len(set(rm.rows)) != 1 or rm.rows[0] < 0 or rm.sources[rm.rows[0]] != ref:
+        return False
+    return rm.src_rows == tuple(range(n))
 
 
 def _config(d: Path) -> dict | None:

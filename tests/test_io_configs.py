@@ -77,6 +77,32 @@ def test_corpus_size():
     assert len(VALID) >= 12 and len(INVALID) >= 10
 
 
+def test_a_vocabulary_kept_as_it_is_reads_the_tensors_plainly(models, tmp_path):
+    """tokenizer_source naming a model whose vocabulary every input shares: the token
+    tensors are read as stored (no row map, so no derivation and no torch on the reader);
+    where the vocabularies differ, or the dtype changes, they are re-laid out."""
+    from streammerge.plan import make_plan
+
+    def derived(text: str) -> set[str]:
+        cfg = tmp_path / "v.yml"
+        cfg.write_text(text.replace("$MODELS", str(models)))
+        plan = make_plan(cfg, max_memory=64 << 20)
+        return {f"{j.name}:{k}" for j in plan.jobs for k, r in enumerate(j.inputs) if r.derive is not None}
+
+    same = "merge_method: linear\nbase_model: $MODELS/base\nmodels:\n" + "".join(
+        f"  - model: $MODELS/{m}\n    parameters: {{weight: 0.5}}\n" for m in ("ftA", "ftB", "base")
+    )
+    assert derived(same + "tokenizer_source: base\n") == set()
+    assert derived(same + "tokenizer_source: $MODELS/ftA\n") == set()
+    # a dtype change: the map converts
+    assert derived(same + "tokenizer_source: $MODELS/ftA\ndtype: float32\n") == {
+        f"{name}:{k}" for name in ("model.embed_tokens.weight", "lm_head.weight") for k in (0, 1, 2)
+    }
+    # ft1v has two more tokens than base: base's token tensors gain rows, ft1v's keep their own
+    other = materialise(DIR / "io_tokenizer_named.yml", models, tmp_path).read_text()
+    assert derived(other)
+
+
 @pytest.mark.parametrize("path", VALID, ids=lambda p: p.stem)
 def test_valid_config_merges_and_checks_out(path, models, tmp_path):
     cfg = materialise(path, models, tmp_path)
