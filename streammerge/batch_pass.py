@@ -27,10 +27,10 @@ import numpy as np
 from .checkpoint import Reader
 from .derive import read_derived
 from .errors import BudgetError, StreamMergeError
-from .execute import ALL, COMBINE, _get, _JobRun, _put, _schedule_job
+from .execute import _get, _JobRun, _put
 from .header import ITEMSIZE
 from .methods import parallel
-from .plan import Job, Plan, _streaming, compute_block, compute_scratch
+from .plan import ALL, COMBINE, Job, Plan, _streaming, compute_block, compute_scratch, schedule_job
 from .polite import IoLimits
 from .write import OutputWriter
 
@@ -131,7 +131,7 @@ def _reads(tensors):
     for shared, pairs in tensors:
         if not shared:
             for slot, job in pairs:
-                for _, phase, start, end in _schedule_job(job):
+                for _, phase, start, end in schedule_job(job):
                     yield _Read(((slot, job),), job.inputs, phase, start, end)
             continue
         job = pairs[0][1]

@@ -41,7 +41,17 @@ from .derive import read_derived
 from .errors import Interrupted, StreamMergeError, WriteError
 from .header import ITEMSIZE
 from .methods import SPECS, BlockContext, Scope, direct, get_kernel, parallel, row_elems
-from .plan import BLOCK_ELEMS, DEFAULT_SHARD_NBYTES, Job, Plan, copies, fold_window, make_plan
+from .plan import (
+    ALL,
+    BLOCK_ELEMS,
+    DEFAULT_SHARD_NBYTES,
+    Job,
+    Plan,
+    copies,
+    fold_window,
+    make_plan,
+    schedule_job,
+)
 from .polite import UNLIMITED, IoLimits, be_nice
 from .write import OutputWriter
 
@@ -226,27 +236,11 @@ def _device(name: str) -> str:
     return name
 
 
-COMBINE = -1  # phase of a chunk that is merged and written
-ALL = -2  # phase of a resident tensor: every pass, then combine, on one read
-
-
 def _schedule(plan: Plan, skip=frozenset()):
     """(job, phase, start, stop) reads in execution (= file) order, minus ``skip``ped jobs."""
     for job in plan.jobs:
         if job.name not in skip:
-            yield from _schedule_job(job)
-
-
-def _schedule_job(job: Job):
-    """A tensor that needs statistics is read once per pass unless it fits in one chunk."""
-    n, step = job.numel, job.chunk_elems
-    ranges = [(s, min(n, s + step)) for s in range(0, max(n, 1), step)]
-    if job.passes and job.resident:
-        yield job, ALL, 0, n
-        return
-    for phase in [*range(job.passes), COMBINE]:
-        for start, stop in ranges:
-            yield job, phase, start, stop
+            yield from schedule_job(job)
 
 
 class _Failure:
@@ -516,18 +510,19 @@ class _JobRun:
     def combine(self, views: list[np.ndarray], start: int, out: np.ndarray) -> None:
         """Merge one chunk: raw input bytes in ``views`` -> raw output bytes in ``out``."""
         if self.copy:
+            dtype = self.job.out_dtype
             if self.scale == 1.0:
                 out[:] = views[0]  # bit copy: no dtype round trip
+            elif dtype in direct.BITS:
+                direct.scale_into(views[0].view(direct.BITS[dtype]), self.scale, out.view(direct.BITS[dtype]))
             else:
                 import torch
 
                 from .methods.passthrough import scale_into
                 from .methods.tensors import DTYPES
 
-                dtype = DTYPES[self.job.out_dtype]
-                scale_into(
-                    torch.from_numpy(views[0]).view(dtype), self.scale, torch.from_numpy(out).view(dtype)
-                )
+                x, o = (torch.from_numpy(v).view(DTYPES[dtype]) for v in (views[0], out))
+                scale_into(x, self.scale, o)
             return
         if start == 0:
             self.state = {}
@@ -666,7 +661,7 @@ def merge_tensors(
     out = np.empty(n * out_item, np.uint8)
     run = _JobRun(job, seed, "cpu")
     item = xs[0].element_size()
-    for _, phase, start, end in _schedule_job(job):
+    for _, phase, start, end in schedule_job(job):
         views = [r[start * item : end * item] for r in raw]
         if phase >= 0:
             run.fold(phase, views, start, end)

@@ -123,11 +123,16 @@ class Estimate:
     write_nbytes: int  # output bytes written
     derive_nbytes: int = 0  # reader-thread scratch for inputs computed on read (derive)
     torch: bool = True  # some job runs a torch kernel (``torch_free``)
+    # read sets and write buffers resident at the peak (``_resident_buffers``; None: all four full)
+    buffers_nbytes: int | None = None
 
     @property
     def peak_nbytes(self) -> int:
+        full = 2 * self.read_set_nbytes + 2 * self.write_buffer_nbytes
         return (
-            2 * self.read_set_nbytes + 2 * self.write_buffer_nbytes + self.scratch_nbytes + self.derive_nbytes
+            (full if self.buffers_nbytes is None else self.buffers_nbytes)
+            + self.scratch_nbytes
+            + self.derive_nbytes
         )
 
     @property
@@ -384,6 +389,51 @@ def _buffer_bytes(j: Job) -> int:
     return 2 * _in_item(j) + 2 * ITEMSIZE[j.out_dtype]
 
 
+COMBINE = -1  # phase of a chunk that is merged and written
+ALL = -2  # phase of a resident tensor: every pass, then combine, on one read
+
+
+def schedule_job(job: Job):
+    """``job``'s reads, (job, phase, start, stop), in execution order: a tensor that needs
+    statistics is read once per pass unless it fits in one chunk."""
+    n, step = job.numel, job.chunk_elems
+    ranges = [(s, min(n, s + step)) for s in range(0, max(n, 1), step)]
+    if job.passes and job.resident:
+        yield job, ALL, 0, n
+        return
+    for phase in [*range(job.passes), COMBINE]:
+        for start, stop in ranges:
+            yield job, phase, start, stop
+
+
+def _resident_buffers(jobs: tuple[Job, ...]) -> int:
+    """Bytes of the read sets and write buffers resident at the peak, following the
+    executor's buffers through the schedule: both kinds are handed back in order, so read k
+    fills read set k % 2 and written chunk k write buffer k % 2. A write buffer, or a read
+    set inputs are copied into, keeps the pages of the largest chunk it held; a job whose
+    inputs are all mapped (on disk, aligned to their dtype: the page cache's pages, the
+    read set's own handed back) holds its chunk only while it is in flight: while read i
+    is merged, the reader maps read i + 1."""
+    reads = []  # per read: (bytes read, whether mapped, bytes written)
+    for j in jobs:
+        mapped = all(t.derive is None and t.offset % ITEMSIZE[t.dtype] == 0 for t in j.inputs)
+        for _, phase, start, stop in schedule_job(j):
+            out = (stop - start) * ITEMSIZE[j.out_dtype] if phase in (COMBINE, ALL) else 0
+            reads.append(((stop - start) * _in_item(j), mapped, out))
+    read_hw, write_hw, written, peak = [0, 0], [0, 0], 0, 0
+    for i, (size, mapped, out) in enumerate(reads):
+        after = reads[i + 1] if i + 1 < len(reads) else (0, True, 0)
+        for k, (n, m, _) in ((i, reads[i]), (i + 1, after)):
+            if not m:
+                read_hw[k % 2] = max(read_hw[k % 2], n)
+        if out:
+            write_hw[written % 2] = max(write_hw[written % 2], out)
+            written += 1
+        flight = (size if mapped else 0) + (after[0] if after[1] else 0)
+        peak = max(peak, sum(read_hw) + flight + sum(write_hw))
+    return peak
+
+
 def _estimate(jobs: tuple[Job, ...], budget: int) -> Estimate:
     block = compute_block(jobs, budget)
     scratch = max((compute_scratch(j, block) for j in jobs), default=0)
@@ -400,7 +450,7 @@ def _estimate(jobs: tuple[Job, ...], budget: int) -> Estimate:
     estimate = Estimate(
         budget, chunk, block, read_set, write_buf, scratch,
         read_nbytes=reads, write_nbytes=sum(j.out_nbytes for j in jobs), derive_nbytes=derive,
-        torch=not all(torch_free(j) for j in jobs),
+        torch=not all(torch_free(j) for j in jobs), buffers_nbytes=_resident_buffers(jobs),
     )  # fmt: skip
     return estimate, jobs
 
@@ -461,12 +511,12 @@ def direct(j: Job) -> bool:
 
 
 def torch_free(j: Job) -> bool:
-    """Whether ``j`` runs without torch on the CPU (``methods.direct``'s loops): a bit copy;
-    a direct job of linear or the gta family, but linear normalizing more weights than
-    torch sums in order; model_stock over the whole tensor with inputs, D and output one
+    """Whether ``j`` runs without torch on the CPU (``methods.direct``'s loops): a bit copy,
+    or a scaled one of bfloat16 or float32; a direct job of linear or the gta family, but
+    linear normalizing more weights than torch sums in order; model_stock over the whole tensor with inputs, D and output one
     dtype (bfloat16 or float32) and no more pairs of fine-tunes than torch sums in order."""
     if copies(j):
-        return j.method == COPY or j.input_params[0]["scale"] == 1.0
+        return j.method == COPY or j.input_params[0]["scale"] == 1.0 or j.out_dtype in ("BF16", "F32")
     if j.method == "model_stock":
         one = {t.dtype for t in j.inputs} == {j.work_dtype} and j.work_dtype == j.out_dtype
         count = len(j.inputs) - 1

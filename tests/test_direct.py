@@ -178,9 +178,44 @@ def test_model_stock_t_is_made_as_torch_makes_it(count, dtype):
         assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (trial, sq, dots)
 
 
+@pytest.mark.parametrize("scale", [0.5, 0.3, -1.7, 1e-3, 3.1e38, 1e-45, float("inf")])
+def test_passthrough_scale_is_torch_mul(scale):
+    """``fused.scaled`` (a scaled copy with no torch) is ``torch.mul`` by a Python float:
+    every bfloat16 bit pattern, and float32 over 30 decades with the specials."""
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(BF16)
+    g = torch.Generator().manual_seed(1)
+    f32 = torch.randn(1 << 16, generator=g) * 10 ** torch.empty(1 << 16).uniform_(-40, 38, generator=g)
+    f32[: len(SPECIAL)] = torch.tensor(SPECIAL)
+    for x in (every, f32):
+        out = torch.empty_like(x)
+        bits = direct.BITS[CODES[x.dtype]]
+        direct.scale_into(x.numpy().view(bits) if x.dtype == F32 else x.view(torch.int16).numpy().view(bits),
+                          scale, out.view(torch.int16 if x.dtype == BF16 else torch.int32).numpy().view(bits))  # fmt: skip
+        expect = torch.mul(x, scale)
+        same = out.view(torch.uint8) == expect.view(torch.uint8)
+        assert bool(same.all()), (x.dtype, scale, x[~same.view(len(x), -1).all(1)][:5])
+
+
+def _config(method: str, tiny) -> str:
+    """A bfloat16 merge of the tiny models by ``method`` (passthrough: ft1 scaled by 0.5)."""
+    if method == "passthrough":
+        return (
+            f"merge_method: passthrough\nmodels:\n  - model: {tiny['ft1']}\n    parameters: {{scale: 0.5}}\n"
+        )
+    each, shared = ("{}", "{t: 0.3}") if method == "slerp" else ("{weight: 0.5}", "{}")
+    each = "{}" if method == "model_stock" else each
+    models = [tiny["ft1"], tiny["ft2"]] if method == "model_stock" else [tiny["ft1"], tiny["base"]]
+    return (
+        f"merge_method: {method}\nbase_model: {tiny['base']}\nmodels:\n"
+        + "".join(f"  - model: {m}\n    parameters: {each}\n" for m in models)
+        + f"parameters: {shared}\ndtype: bfloat16\n"
+    )
+
+
 def test_a_merge_of_loops_and_copies_never_imports_torch(tiny, tmp_path):
-    """linear and task_arithmetic over bfloat16 (and the copied non-float buffers) run with
-    no torch in the process; a method with no loop here brings it in."""
+    """linear, task_arithmetic, model_stock and a scaled passthrough over bfloat16 (and the
+    copied non-float buffers) run with no torch in the process; a method with no loop here
+    brings it in."""
     probe = (
         "import sys; from streammerge.execute import merge; merge(sys.argv[1], sys.argv[2]);"
         "print('torch' in sys.modules)"
@@ -189,17 +224,11 @@ def test_a_merge_of_loops_and_copies_never_imports_torch(tiny, tmp_path):
         ("linear", False),
         ("task_arithmetic", False),
         ("model_stock", False),
+        ("passthrough", False),
         ("slerp", True),
     ):
         cfg = tmp_path / f"{method}.yml"
-        each, shared = ("{}", "{t: 0.3}") if method == "slerp" else ("{weight: 0.5}", "{}")
-        each = "{}" if method == "model_stock" else each
-        models = [tiny["ft1"], tiny["ft2"]] if method == "model_stock" else [tiny["ft1"], tiny["base"]]
-        cfg.write_text(
-            f"merge_method: {method}\nbase_model: {tiny['base']}\nmodels:\n"
-            + "".join(f"  - model: {m}\n    parameters: {each}\n" for m in models)
-            + f"parameters: {shared}\ndtype: bfloat16\n"
-        )
+        cfg.write_text(_config(method, tiny))
         r = subprocess.run(
             [sys.executable, "-c", probe, str(cfg), str(tmp_path / method)], capture_output=True, text=True
         )

@@ -89,3 +89,42 @@ def test_plan_hash_is_stable_and_tracks_the_config(tiny):
     b = make_plan(parse_config(linear_config(tiny)), max_memory=1 << 30)
     c = make_plan(parse_config(linear_config(tiny).replace("0.3", "0.31")), max_memory=64 << 20)
     assert a.plan_hash == b.plan_hash != c.plan_hash
+
+
+def _job(name: str, numel: int, chunk: int, inputs: int = 1, passes: int = 0, derived: bool = False):
+    from streammerge.checkpoint import TensorRef
+    from streammerge.plan import Job
+
+    ref = TensorRef("m.safetensors", 64, "BF16", (numel,), object() if derived else None)
+    return Job(name, "linear", (ref,) * inputs, None, ({},) * inputs, {}, "BF16", "BF16", (numel,), 0, 0,
+               passes=passes, chunk_elems=chunk)  # fmt: skip
+
+
+def test_resident_buffers_follow_the_executors_buffers():
+    """Hand-derived: mapped inputs are resident only in flight (the read merged and the
+    next), write buffers and copied-into read sets keep their largest chunk."""
+    from streammerge.plan import _resident_buffers
+
+    mib = 1 << 20
+    # two one-chunk tensors of 100 Mi elements (bf16: 200 MiB read and written each), then a small one:
+    # merging the second, the first's write buffer (200) and its own (200) are held, its
+    # read (200) and the next one's (2) are mapped
+    big = [_job("a", 100 * mib, 100 * mib), _job("b", 100 * mib, 100 * mib), _job("c", mib, 100 * mib)]
+    assert _resident_buffers(tuple(big)) == (200 + 200 + 200 + 2) * mib
+    # one big tensor among small ones: its read, its write buffer, a small write, the small next read
+    one = [_job("a", mib, 100 * mib), _job("b", 100 * mib, 100 * mib), _job("c", mib, 100 * mib)]
+    assert _resident_buffers(tuple(one)) == (2 + 200 + 200 + 2) * mib
+    # a tensor in full chunks: both read sets' worth in flight, both write buffers full
+    many = [_job("a", 300 * mib, 100 * mib, inputs=3)]
+    assert _resident_buffers(tuple(many)) == (2 * 600 + 2 * 200) * mib
+    # a statistics pass writes nothing: merging the combine's first chunk, it and the next
+    # are mapped and one write buffer is full; merging the last, it alone and both
+    stats = [_job("a", 200 * mib, 100 * mib, passes=1)]
+    assert _resident_buffers(tuple(stats)) == (200 + 200 + 200) * mib
+    # derived (copied) inputs keep both read sets at their largest chunk, after the tensor too
+    copied = [
+        _job("a", 100 * mib, 100 * mib, derived=True),
+        _job("b", mib, 100 * mib),
+        _job("c", mib, 100 * mib),
+    ]
+    assert _resident_buffers(tuple(copied)) == (200 + 2 + 2 + 200 + 2) * mib

@@ -27,6 +27,11 @@ from .spec import GTA
 BITS = {"BF16": np.uint16, "F32": np.uint32}  # the loops' dtypes, as the integers they take
 
 
+def scale_into(x: np.ndarray, scale: float, out: np.ndarray) -> None:
+    """A passthrough's ``out`` = ``x * scale`` (bits of one of ``BITS``' dtypes), on every core."""
+    parallel.run(lambda lo, hi: fused.scaled(x[lo:hi], np.float32(scale), out[lo:hi]), x.size)
+
+
 @dataclass(frozen=True, slots=True)
 class Loop:
     """A job's compiled loops over bits (blocks of each input as stored, in gather order).

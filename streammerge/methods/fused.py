@@ -532,6 +532,14 @@ def weighted_sum(xs, weights, out, divisor_bits):
                 o[j] = _round(acc[j], o[j])
 
 
+@_loop("void({T}[::1], float32, {T}[::1])")
+def scaled(x, scale, out):
+    """``passthrough``'s scale: ``out`` = ``x * scale`` rounded to x's dtype, as ``torch.mul``
+    by a Python float does it (the scale as float32, D = the stored dtype)."""
+    for j in range(x.size):
+        out[j] = _round(_load(x[j]) * scale, x[j])
+
+
 @numba.njit(inline="always", **_JIT)
 def add_squares(d, acc, n):
     """``acc[j] += d[j]²`` in fp64 for the first ``n`` elements (one lane per element)."""
