@@ -45,7 +45,9 @@ def test_nearswap_loop_is_the_eager_ops(dtype, t):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n", [1, 13, 2049, 1 << 14])
 @pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize("weight", [[0.4, 0.4, 0.2], [1.0, -0.3, 0.7, 0.01], [0.5]])
+@pytest.mark.parametrize(
+    "weight", [[0.5], [0.7, -0.2], [0.4, 0.4, 0.2], [1.0, -0.3, 0.7, 0.01], [0.3, 0.1, -0.2, 0.5, 0.25]]
+)  # one pass per count up to four, tiles beyond
 def test_linear_loop_is_the_eager_ops(dtype, n, normalize, weight):
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(n, generator=g) * 3 for _ in weight]

@@ -402,7 +402,7 @@ def test_spec_params_match_kernel_signature(method):
 
 
 @pytest.mark.parametrize("dtype", [bf16, f32])
-@pytest.mark.parametrize("n_models", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("n_models", [1, 2, 3, 4, 5, 8])  # one pass up to 4 without election
 @pytest.mark.parametrize("consensus", ["sum", None])
 def test_compiled_gta_combine_is_mergekits_op_sequence_bit_for_bit(dtype, n_models, consensus):
     """The compiled combine (fused.combine, fp32 with explicit rounding) against combine_eager

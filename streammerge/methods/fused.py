@@ -384,6 +384,62 @@ def _combine_signatures() -> list:
     ]  # fmt: skip
 
 
+@numba.njit(inline="always", **_JIT)
+def _term(x, b, w, are_deltas, d):
+    """One model's weighted delta in D: ``x`` (a delta) or ``x - b``, rounded, times ``w``."""
+    delta = _load(x) if are_deltas else _rounded(_load(x) - b, d)
+    return _rounded(delta * w, d)
+
+
+@numba.njit(inline="always", **_JIT)
+def _finish(total, b, normalize, divisor, lam, d, like):
+    """``combine``'s steps after the sum of weighted deltas, each rounded to D: the sum,
+    / divisor, * lam, + base; then to the output's dtype (``like``)."""
+    q = _rounded(total, d)
+    if normalize:
+        q = _rounded(q / divisor, d)
+    if lam != 1:
+        q = _rounded(q * lam, d)
+    return _round(_rounded(b + q, d), like)
+
+
+@numba.njit(inline="always", **_JIT)
+def _combine_few(base, xs, weights, out, start, stop, normalize, divisor, lam, are_deltas, d):
+    """``combine`` without ``elect`` for up to four models in one pass over the elements, the
+    sum in a register (torch's sum starts from +0, so -0 deltas sum to +0)."""
+    count, size = xs.size, base.size
+    w = weights
+    xa = _model(xs, 0, size, base)[start:stop]
+    xb = _model(xs, min(1, count - 1), size, base)[start:stop]
+    xc = _model(xs, min(2, count - 1), size, base)[start:stop]
+    xd = _model(xs, min(3, count - 1), size, base)[start:stop]
+    bs, o = base[start:stop], out[start:stop]
+    zero = np.float32(0)
+    if count == 1:
+        for j in range(bs.size):
+            b = _load(bs[j])
+            total = zero + _term(xa[j], b, w[0], are_deltas, d)
+            o[j] = _finish(total, b, normalize, divisor, lam, d, o[j])
+    elif count == 2:
+        for j in range(bs.size):
+            b = _load(bs[j])
+            total = zero + _term(xa[j], b, w[0], are_deltas, d) + _term(xb[j], b, w[1], are_deltas, d)
+            o[j] = _finish(total, b, normalize, divisor, lam, d, o[j])
+    elif count == 3:
+        for j in range(bs.size):
+            b = _load(bs[j])
+            total = zero + _term(xa[j], b, w[0], are_deltas, d) + _term(xb[j], b, w[1], are_deltas, d)
+            total += _term(xc[j], b, w[2], are_deltas, d)
+            o[j] = _finish(total, b, normalize, divisor, lam, d, o[j])
+    else:
+        for j in range(bs.size):
+            b = _load(bs[j])
+            total = zero + _term(xa[j], b, w[0], are_deltas, d) + _term(xb[j], b, w[1], are_deltas, d)
+            total += _term(xc[j], b, w[2], are_deltas, d)
+            total += _term(xd[j], b, w[3], are_deltas, d)
+            o[j] = _finish(total, b, normalize, divisor, lam, d, o[j])
+
+
 @numba.njit(_combine_signatures(), **_JIT)
 def combine(base, xs, weights, out, start, stop, elect, normalize, divisor, lam, are_deltas, d):
     """``gta.combine_eager`` with each torch op's rounding: the weighted deltas summed —
@@ -398,6 +454,9 @@ def combine(base, xs, weights, out, start, stop, elect, normalize, divisor, lam,
     torch's conversion does). Each step runs over a tile of fp32 scratch, so every loop
     vectorizes."""
     n_models = xs.size
+    if not elect and n_models <= 4:  # one pass, the sum in a register
+        _combine_few(base, xs, weights, out, start, stop, normalize, divisor, lam, are_deltas, d)
+        return
     wd = np.empty((n_models if elect else 0, TILE), np.float32)
     mixed = np.empty(TILE, np.float32)
     total = np.empty(TILE, np.float32)
@@ -508,28 +567,54 @@ def _weighted_sum_signatures() -> list:
     return out
 
 
+@numba.njit(inline="always", **_JIT)
+def _weighted(acc, divisor, has_divisor, like):
+    """A weighted sum's result: ``acc / divisor`` (or ``acc``) rounded to ``like``'s dtype."""
+    return _round(acc / divisor if has_divisor else acc, like)
+
+
 @numba.njit(_weighted_sum_signatures(), **_JIT)
 def weighted_sum(xs, weights, out, divisor_bits):
     """``linear``'s loop: ``out`` = the eager ops' bits: acc = +0, then fma(x, c, acc) per input in order, then
     acc / divisor when ``divisor_bits`` is not 0's (float32 bits of Σ c, as torch sums
-    them), rounded to the inputs' dtype."""
-    acc = np.empty(TILE, np.float32)
-    divisor = _f32(divisor_bits)
-    for lo in range(0, out.size, TILE):
-        n = min(TILE, out.size - lo)
-        for j in range(n):
-            acc[j] = np.float32(0)
-        for m in range(xs.size):
-            x, c = _model(xs, m, out.size, out)[lo : lo + n], weights[m]
+    them), rounded to the inputs' dtype. Up to four inputs in one pass with the sum in a
+    register (twice as fast as tiles); more in tiles, one pass over a tile per input."""
+    n, count = out.size, xs.size
+    divisor, has_divisor = _f32(divisor_bits), divisor_bits != 0
+    zero = np.float32(0)
+    if count <= 4:
+        a, w = _model(xs, 0, n, out), weights
+        b = _model(xs, min(1, count - 1), n, out)
+        c = _model(xs, min(2, count - 1), n, out)
+        d = _model(xs, min(3, count - 1), n, out)
+        if count == 1:
             for j in range(n):
-                acc[j] = _fma(_load(x[j]), c, acc[j])
-        o = out[lo : lo + n]
-        if divisor_bits != 0:
+                out[j] = _weighted(_fma(_load(a[j]), w[0], zero), divisor, has_divisor, out[j])
+        elif count == 2:
             for j in range(n):
-                o[j] = _round(acc[j] / divisor, o[j])
+                acc = _fma(_load(b[j]), w[1], _fma(_load(a[j]), w[0], zero))
+                out[j] = _weighted(acc, divisor, has_divisor, out[j])
+        elif count == 3:
+            for j in range(n):
+                acc = _fma(_load(c[j]), w[2], _fma(_load(b[j]), w[1], _fma(_load(a[j]), w[0], zero)))
+                out[j] = _weighted(acc, divisor, has_divisor, out[j])
         else:
             for j in range(n):
-                o[j] = _round(acc[j], o[j])
+                acc = _fma(_load(c[j]), w[2], _fma(_load(b[j]), w[1], _fma(_load(a[j]), w[0], zero)))
+                out[j] = _weighted(_fma(_load(d[j]), w[3], acc), divisor, has_divisor, out[j])
+        return
+    acc = np.empty(TILE, np.float32)
+    for lo in range(0, n, TILE):
+        m = min(TILE, n - lo)
+        for j in range(m):
+            acc[j] = zero
+        for k in range(count):
+            x, c = _model(xs, k, n, out)[lo : lo + m], weights[k]
+            for j in range(m):
+                acc[j] = _fma(_load(x[j]), c, acc[j])
+        o = out[lo : lo + m]
+        for j in range(m):
+            o[j] = _weighted(acc[j], divisor, has_divisor, o[j])
 
 
 @_loop("void({T}[::1], float32, {T}[::1])")
