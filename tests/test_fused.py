@@ -109,6 +109,58 @@ def test_prune_random_is_the_keyed_mask(dtype, scale):
     assert after == pytest.approx(kept.abs().double().sum().item(), rel=1e-12)
 
 
+@pytest.mark.parametrize("bits", [15, 31])
+def test_row_ranks_are_a_stable_sorts(bits):
+    """The radix ranks against numpy's stable argsort: keys over the whole range, keys with
+    few distinct values (ties everywhere, passes skipped), one key, rows of one element."""
+    rng = np.random.default_rng(bits)
+    for n, distinct in [(1, 1), (7, 3), (700, 1), (700, 5), (5000, 5000)]:
+        values = rng.integers(0, 1 << bits, distinct).astype(np.uint32)
+        keys = values[rng.integers(0, distinct, n)]
+        ranks = np.empty(n, np.int64)
+        fused._row_ranks(
+            keys, (bits + 7) // 8, ranks, np.empty((4, n), np.int64), np.empty((4, 256), np.int64)
+        )
+        expect = np.empty(n, np.int64)
+        expect[np.argsort(keys, kind="stable")] = np.arange(n)
+        assert np.array_equal(ranks, expect), (n, distinct)
+
+
+@pytest.mark.parametrize("dtype", [bf16, f32])
+@pytest.mark.parametrize("scale", [False, True])
+def test_prune_della_is_the_rank_mask(dtype, scale):
+    """della's compiled drop against the eager one (numpy ranks, the keyed uniforms below
+    each rank's keep probability, ``apply_mask``) over whole rows split anywhere between
+    rows, with ties, signed zeros, NaN and infinities; and its L1 terms."""
+    from streammerge.methods import gta
+    from streammerge.methods.rng import uniform
+
+    row = 700
+    x, base = _pair(dtype, row * 6, seed=6, levels=50)
+    x[:row] = (base[:row].float() + torch.randn(row) * 10 ** torch.empty(row).uniform_(-12, 0)).to(dtype)
+    x[row + 10], x[row + 11], x[2 * row + 3] = float("nan"), float("inf"), -float("inf")
+    key, start = stream_key(7, "t", 1), 3 * row
+    table = gta._della_probs(row, 0.5, 0.2, dtype)[0]
+    factor = torch.tensor(1.75, dtype=dtype)
+    delta = x - base
+    keep = uniform(key, start, x.numel()) < table[gta._row_ranks(delta.reshape(-1, row))]
+    expect = select.apply_mask(delta, keep)
+    if scale:
+        expect = expect * factor
+    out = torch.empty_like(x)
+    for lo, hi in [(0, row), (row, 4 * row), (4 * row, 6 * row)]:
+        fused.prune_della(tensors.bits(x[lo:hi]), tensors.bits(base[lo:hi]), tensors.bits(out[lo:hi]), row,
+                          key[0], start + lo, table, scale, np.float32(factor.float()))  # fmt: skip
+    assert torch.equal(out.view(torch.uint8), expect.view(torch.uint8))
+    finite = slice(3 * row, 6 * row)  # rows with no NaN or infinity
+    before, after = fused.l1_della(
+        tensors.bits(x[finite]), tensors.bits(base[finite]), row, key[0], start + 3 * row, table
+    )
+    kept = select.apply_mask(delta[finite], keep[3 * row :])
+    assert before == pytest.approx(delta[finite].abs().double().sum().item(), rel=1e-12)
+    assert after == pytest.approx(kept.abs().double().sum().item(), rel=1e-12)
+
+
 def test_bfloat16_rounding_is_torchs():
     """Random float32 patterns, exact halfway cases both ways, carries into the exponent,
     overflow to infinity, subnormals and signed zeros round as torch's conversion does."""
@@ -148,6 +200,9 @@ def test_bfloat16_rounding_is_torchs():
         ("dare_linear", {"normalize": True}),
         ("breadcrumbs", {}),
         ("breadcrumbs_ties", {"lambda": 0.8}),
+        ("della", {"epsilon": [0.1, 0.2, 0.05, None]}),
+        ("della", {"epsilon": [0.3, 0.1, 0.4, None], "rescale": False, "lambda": 1.1}),
+        ("della_linear", {"epsilon": [0.1, 0.2, 0.05, None], "normalize": True}),
     ],
 )
 def test_gta_through_the_compiled_loops_is_the_eager_ops(monkeypatch, dtype, method, extra):

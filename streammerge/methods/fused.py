@@ -307,6 +307,125 @@ def l1_random(x, base, key, start, threshold):
     return sums[0].sum(), sums[1].sum()
 
 
+def _digit_passes(v):
+    """8-bit radix passes that cover a magnitude key of ``v``'s kind (15 or 31 bits)."""
+
+
+@overload(_digit_passes, jit_options=_INLINE)
+def _digit_passes_impl(v):
+    if v == types.uint16:
+        return lambda v: 2
+    return lambda v: 4
+
+
+@numba.njit(inline="always", **_JIT)
+def _row_ranks(keys, passes, ranks, scratch, counts):
+    """``ranks[j]`` = the ascending rank of ``keys[j]`` among ``keys``, ties by position (a
+    stable sort, as numpy's stable argsort): a least-significant-digit radix sort, 8 bits a
+    pass (``passes`` of them cover the keys), every digit counted in one sweep, a pass
+    skipped where one digit holds every key, the last pass writing the ranks. ``scratch``:
+    (4, n) int32, (keys, positions) twice; ``counts``: (4, 256) int64."""
+    n = keys.size
+    for p in range(passes):
+        for c in range(256):
+            counts[p, c] = 0
+    for j in range(n):
+        k = keys[j]
+        for p in range(passes):
+            counts[p, (k >> _U32(8 * p)) & _U32(255)] += 1
+    last = -1
+    for p in range(passes):
+        if counts[p, (keys[0] >> _U32(8 * p)) & _U32(255)] != n:
+            last = p
+    if last < 0:  # every key equal: ranks in element order
+        for j in range(n):
+            ranks[j] = j
+        return
+    first = True
+    src, dst = 0, 2  # rows of ``scratch``: keys at src, positions at src + 1
+    for p in range(last + 1):
+        row = counts[p]
+        shift = _U32(8 * p)
+        if row[(keys[0] >> shift) & _U32(255)] == n:
+            continue
+        total = 0
+        for c in range(256):
+            total, row[c] = total + row[c], total
+        for i in range(n):
+            k = keys[i] if first else _U32(scratch[src, i])
+            at = i if first else scratch[src + 1, i]
+            digit = (k >> shift) & _U32(255)
+            pos = row[digit]
+            row[digit] = pos + 1
+            if p == last:
+                ranks[at] = pos
+            else:
+                scratch[dst, pos] = k
+                scratch[dst + 1, pos] = at
+        first = False
+        src, dst = dst, src
+
+
+@numba.njit(inline="always", **_JIT)
+def _della_row(x, base, start, key, table, d, keys, ranks, scratch, counts, keep):
+    """One row of della's magnitude-rank drop: ``d`` = the deltas' bits, ``keep`` = whether
+    each is kept: its keyed uniform (element index ``start + j``, on the 2^-24 grid) below
+    the keep probability ``table`` gives its rank of |delta| in the row."""
+    n = x.size
+    for j in range(n):
+        d[j] = _round(_load(x[j]) - _load(base[j]), x[j])
+        keys[j] = _U32(_magnitude(d[j]))
+    _row_ranks(keys[:n], _digit_passes(x[0]), ranks, scratch, counts)
+    step = np.float32(2.0**-24)
+    for j in range(n):
+        u = np.float32(_uniform24(key, _U64(start + j))) * step
+        keep[j] = u < table[ranks[j]]
+
+
+@_loop("void({T}[::1], {T}[::1], {T}[::1], int64, uint64, int64, float32[::1], boolean, float32)")
+def prune_della(x, base, out, row, key, start, table, scale, factor):
+    """della's ``_sparsify`` of ``x - base`` (whole rows of ``row`` elements, the first at
+    element ``start``): a kept delta (times ``factor``, rounded, with ``scale``) or a zero
+    with the delta's sign, as ``apply_mask`` and the eager product give."""
+    d = np.empty(row, x.dtype)
+    keys = np.empty(row, np.uint32)
+    ranks = np.empty(row, np.int32)
+    scratch = np.empty((4, row), np.int32)
+    counts = np.empty((4, 256), np.int64)
+    keep = np.empty(row, np.bool_)
+    for lo in range(0, x.size, row):
+        xr, o = x[lo : lo + row], out[lo : lo + row]
+        _della_row(xr, base[lo : lo + row], start + lo, key, table, d, keys, ranks, scratch, counts, keep)
+        for j in range(row):
+            v = d[j]
+            kept = _round(_load(v) * factor, v) if scale else v
+            o[j] = kept if keep[j] else _sign(v)
+
+
+@_loop("UniTuple(float64, 2)({T}[::1], {T}[::1], int64, uint64, int64, float32[::1])")
+def l1_della(x, base, row, key, start, table):
+    """(sum |x - base|, sum of those that ``prune_della`` keeps), in fp64 lanes as ``l1_random``."""
+    d = np.empty(row, x.dtype)
+    keys = np.empty(row, np.uint32)
+    ranks = np.empty(row, np.int32)
+    scratch = np.empty((4, row), np.int32)
+    counts = np.empty((4, 256), np.int64)
+    keep = np.empty(row, np.bool_)
+    before = np.empty(row, np.float64)
+    after = np.empty(row, np.float64)
+    sums = np.zeros((2, 8))
+    for lo in range(0, x.size, row):
+        _della_row(x[lo : lo + row], base[lo : lo + row], start + lo, key, table, d, keys, ranks, scratch, counts,
+                   keep)  # fmt: skip
+        for j in range(row):
+            a = abs(np.float64(_load(d[j])))
+            before[j] = a
+            after[j] = a if keep[j] else 0.0
+        _add_lanes(before, sums[0])
+        _add_lanes(after, sums[1])
+    return sums[0].sum(), sums[1].sum()
+
+
 @_loop("void({T}[::1], {T}[::1], {T}, {T}, int64[::1])")
 def count_ties(x, base, lo_key, hi_key, seen):
     """Add to ``seen`` how many deltas ``x - base`` have magnitude key ``lo_key`` and how

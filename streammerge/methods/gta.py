@@ -100,8 +100,8 @@ def gta_fold(i: int, acc, xs, *, ctx, stats, base_index, weight, normalize, resc
     for m in _others(xs, base_index):
         if not _prunes(density[m]):
             continue
-        if tensors.supports(base) and (kind != "l1" or sparsifier == "random"):
-            _fold_fused(kind, acc, xs[m], base, m, ctx, stats, density[m])
+        if tensors.supports(base) and (kind != "l1" or sparsifier in ("random", "della_magprune")):
+            _fold_fused(kind, acc, xs[m], base, m, ctx, stats, density[m], _get(epsilon, m))
             continue
         delta = xs[m] - base
         if kind == "l1" and sparsifier in ("magnitude", "magnitude_outliers"):
@@ -122,10 +122,15 @@ def gta_fold(i: int, acc, xs, *, ctx, stats, base_index, weight, normalize, resc
     return acc
 
 
-def _fold_fused(kind: str, acc: dict, x, base, m: int, ctx, stats, density: float) -> None:
+def _fold_fused(kind: str, acc: dict, x, base, m: int, ctx, stats, density: float, epsilon) -> None:
     """``gta_fold``'s step for one model in one compiled loop: the histogram of a select
-    pass, or a DARE block's L1 terms."""
+    pass, or a DARE or DELLA block's L1 terms."""
     x, b = tensors.bits(x), tensors.bits(base)
+    if kind == "l1" and GTA[ctx.method].sparsifier == "della_magprune":
+        key = stream_key(ctx.seed, ctx.tensor, m)[0]
+        table = _della_table(ctx, density, epsilon)
+        acc.setdefault(m, []).append(fused.l1_della(x, b, ctx.row, key, ctx.offset, table))
+        return
     if kind == "l1":
         acc.setdefault(m, []).append(fused.l1_random(x, b, *_random_keep(ctx, m, density)))
         return
@@ -315,6 +320,14 @@ def _row_ranks(rows: torch.Tensor) -> np.ndarray:
     return ranks
 
 
+def _della_table(ctx: BlockContext, density: float, epsilon: float) -> np.ndarray:
+    """The compiled loops' keep probability by rank (fp32, ``_della_probs``); nothing is
+    kept at density <= 0, as ``_sparsify`` keeps nothing there."""
+    if density <= 0:
+        return np.zeros(ctx.row, np.float32)
+    return _della_probs(ctx.row, density, epsilon, _work_dtype(ctx.work_dtype))[0]
+
+
 @functools.lru_cache(maxsize=64)
 def _della_probs(
     row: int, density: float, epsilon: float, work: torch.dtype
@@ -355,7 +368,7 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
     by_density = rescale and rescale_mode == "density"
 
     compiled = tensors.supports(base) and not by_density and preset.sparsifier in (
-        "magnitude", "magnitude_outliers", "random", None
+        "magnitude", "magnitude_outliers", "random", "della_magprune", None
     )  # fmt: skip
 
     def prune(lo: int, hi: int, state: dict = state) -> None:
@@ -365,7 +378,8 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
             if preset.sparsifier is None or not _prunes(density[m]):
                 torch.sub(x, b, out=out)
             elif compiled:
-                _prune_fused(x, b, out, m, part, stats, state, density[m], _get(gamma, m), factors.get(m))
+                _prune_fused(x, b, out, m, part, stats, state, density[m], _get(gamma, m), _get(epsilon, m),
+                             factors.get(m))  # fmt: skip
             else:
                 out.copy_(_sparsify(x - b, m, part, stats, state, density[m], _get(gamma, m), _get(epsilon, m),
                                     factors.get(m), by_density))  # fmt: skip
@@ -384,15 +398,24 @@ def gta(xs, *, ctx, stats, state, base_index, weight, normalize, rescale=False, 
     )
 
 
-def _prune_fused(x, base, out, m, ctx, stats, state, density, gamma, factor) -> None:
+def _prune_fused(x, base, out, m, ctx, stats, state, density, gamma, epsilon, factor) -> None:
     """``_sparsify(x - base)`` into ``out`` by a compiled loop (bfloat16 or float32 on CPU;
-    magnitude windows and DARE's random drop), the same bits."""
+    magnitude windows, DARE's random drop and DELLA's rank-based one), the same bits."""
     sparsifier = GTA[ctx.method].sparsifier
     scale = factor is not None
     factor = np.float32(factor.item() if scale else 1)
     xb, bb, ob = tensors.bits(x), tensors.bits(base), tensors.bits(out)
     if sparsifier == "random":
         fused.prune_random(xb, bb, ob, *_random_keep(ctx, m, density), scale, factor)
+        return
+    if sparsifier == "della_magprune":
+        if density <= 0:
+            out.zero_()
+            return
+        key = stream_key(ctx.seed, ctx.tensor, m)[0]
+        fused.prune_della(
+            xb, bb, ob, ctx.row, key, ctx.offset, _della_table(ctx, density, epsilon), scale, factor
+        )
         return
     lo, hi = _rank_window(sparsifier, int(np.prod(ctx.shape)), density, gamma or 0.0)
     if hi <= lo:

@@ -126,23 +126,24 @@ def _gta_passes(preset: GTAPreset) -> Callable[[str, dict], int]:
 
 
 def _gta_compiled(preset: GTAPreset) -> Callable[[str, dict, int], tuple[int, int] | None]:
-    """gta's compiled loops run for bfloat16 and float32 unless della's per-row ranks, a
-    paper-faithful option or more fine-tunes than the compiled combine adds in torch's order
-    (``FUSED_COMBINE_MODELS``) ask for the eager ops: a work-dtype copy of each input and its
-    pruned delta, and the output (``gta.gta``); random pruning (dare) measures as one word
-    per input (its pruned deltas are written in D, where bfloat16 is half a word), and
-    task_arithmetic, which prunes nothing, combines the inputs themselves (no deltas)."""
+    """gta's compiled loops run for bfloat16 and float32 unless a paper-faithful option or
+    more fine-tunes than the compiled combine adds in torch's order (``FUSED_COMBINE_MODELS``)
+    ask for the eager ops: a work-dtype copy of each input and its pruned delta, and the
+    output (``gta.gta``); random pruning (dare, della) measures as one word per input (its
+    pruned deltas are written in D, where bfloat16 is half a word), and task_arithmetic,
+    which prunes nothing, combines the inputs themselves (no deltas)."""
 
     def compiled(work_dtype: str, shared: dict, n_inputs: int) -> tuple[int, int] | None:
         eager = (
-            preset.sparsifier == "della_magprune"
-            or shared.get("rescale_mode") == "density"
+            shared.get("rescale_mode") == "density"
             or shared.get("sign_election") == "unweighted"
             or n_inputs - 1 > FUSED_COMBINE_MODELS.get(work_dtype, 0)
         )
         if eager or work_dtype not in ("BF16", "F32"):
             return None
-        if preset.sparsifier is None or (preset.sparsifier == "random" and work_dtype == "BF16"):
+        if preset.sparsifier is None or (
+            preset.sparsifier in ("random", "della_magprune") and work_dtype == "BF16"
+        ):
             return (1, 1)
         return (2, 1)
 
