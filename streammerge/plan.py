@@ -513,8 +513,9 @@ def direct(j: Job) -> bool:
 def torch_free(j: Job) -> bool:
     """Whether ``j`` runs without torch on the CPU (``methods.direct``'s loops): a bit copy,
     or a scaled one of bfloat16 or float32; a direct job of linear or the gta family, but
-    linear normalizing more weights than torch sums in order; model_stock over the whole tensor with inputs, D and output one
-    dtype (bfloat16 or float32) and no more pairs of fine-tunes than torch sums in order."""
+    linear normalizing more weights than torch sums in order; model_stock over the whole
+    tensor with inputs, D and output one dtype (bfloat16 or float32) and no more pairs of
+    fine-tunes than torch sums in order."""
     if copies(j):
         return j.method == COPY or j.input_params[0]["scale"] == 1.0 or j.out_dtype in ("BF16", "F32")
     if j.method == "model_stock":
