@@ -367,10 +367,12 @@ def _row_ranks(keys, passes, ranks, scratch, counts):
 
 
 @numba.njit(inline="always", **_JIT)
-def _della_row(x, base, start, key, table, d, keys, ranks, scratch, counts, keep):
-    """One row of della's magnitude-rank drop: ``d`` = the deltas' bits, ``keep`` = whether
-    each is kept: its keyed uniform (element index ``start + j``, on the 2^-24 grid) below
-    the keep probability ``table`` gives its rank of |delta| in the row."""
+def _della_row(x, base, start, key, table, work):
+    """One row of della's magnitude-rank drop into ``work`` (``_della_scratch``): ``d`` = the
+    deltas' bits, ``keep`` = whether each is kept: its keyed uniform (element index
+    ``start + j``, on the 2^-24 grid) below the keep probability ``table`` gives its rank
+    of |delta| in the row."""
+    d, keys, ranks, scratch, counts, keep = work
     n = x.size
     for j in range(n):
         d[j] = _round(_load(x[j]) - _load(base[j]), x[j])
@@ -382,20 +384,30 @@ def _della_row(x, base, start, key, table, d, keys, ranks, scratch, counts, keep
         keep[j] = u < table[ranks[j]]
 
 
+@numba.njit(inline="always", **_JIT)
+def _della_scratch(row, x):
+    """``_della_row``'s per-row scratch: deltas (``x``'s kind), keys, ranks, the sort's
+    scratch and digit counts, keep flags."""
+    return (
+        np.empty(row, x.dtype),
+        np.empty(row, np.uint32),
+        np.empty(row, np.int32),
+        np.empty((4, row), np.int32),
+        np.empty((4, 256), np.int64),
+        np.empty(row, np.bool_),
+    )
+
+
 @_loop("void({T}[::1], {T}[::1], {T}[::1], int64, uint64, int64, float32[::1], boolean, float32)")
 def prune_della(x, base, out, row, key, start, table, scale, factor):
     """della's ``_sparsify`` of ``x - base`` (whole rows of ``row`` elements, the first at
     element ``start``): a kept delta (times ``factor``, rounded, with ``scale``) or a zero
     with the delta's sign, as ``apply_mask`` and the eager product give."""
-    d = np.empty(row, x.dtype)
-    keys = np.empty(row, np.uint32)
-    ranks = np.empty(row, np.int32)
-    scratch = np.empty((4, row), np.int32)
-    counts = np.empty((4, 256), np.int64)
-    keep = np.empty(row, np.bool_)
+    work = _della_scratch(row, x)
+    d, keep = work[0], work[-1]
     for lo in range(0, x.size, row):
-        xr, o = x[lo : lo + row], out[lo : lo + row]
-        _della_row(xr, base[lo : lo + row], start + lo, key, table, d, keys, ranks, scratch, counts, keep)
+        o = out[lo : lo + row]
+        _della_row(x[lo : lo + row], base[lo : lo + row], start + lo, key, table, work)
         for j in range(row):
             v = d[j]
             kept = _round(_load(v) * factor, v) if scale else v
@@ -405,18 +417,13 @@ def prune_della(x, base, out, row, key, start, table, scale, factor):
 @_loop("UniTuple(float64, 2)({T}[::1], {T}[::1], int64, uint64, int64, float32[::1])")
 def l1_della(x, base, row, key, start, table):
     """(sum |x - base|, sum of those that ``prune_della`` keeps), in fp64 lanes as ``l1_random``."""
-    d = np.empty(row, x.dtype)
-    keys = np.empty(row, np.uint32)
-    ranks = np.empty(row, np.int32)
-    scratch = np.empty((4, row), np.int32)
-    counts = np.empty((4, 256), np.int64)
-    keep = np.empty(row, np.bool_)
+    work = _della_scratch(row, x)
+    d, keep = work[0], work[-1]
     before = np.empty(row, np.float64)
     after = np.empty(row, np.float64)
     sums = np.zeros((2, 8))
     for lo in range(0, x.size, row):
-        _della_row(x[lo : lo + row], base[lo : lo + row], start + lo, key, table, d, keys, ranks, scratch, counts,
-                   keep)  # fmt: skip
+        _della_row(x[lo : lo + row], base[lo : lo + row], start + lo, key, table, work)
         for j in range(row):
             a = abs(np.float64(_load(d[j])))
             before[j] = a
