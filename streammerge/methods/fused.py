@@ -169,6 +169,14 @@ def _deltas(x, base, d):
         d[j] = _round(_load(x[j]) - _load(base[j]), x[j])
 
 
+@numba.njit(inline="always", **_JIT)
+def _pruned(v, keep, scale, factor):
+    """A pruned delta: ``v`` kept (times ``factor``, rounded, with ``scale``) or a zero with
+    its sign, as ``apply_mask`` and the eager product give."""
+    kept = _round(_load(v) * factor, v) if scale else v
+    return kept if keep else _sign(v)
+
+
 def _loop(signature: str):
     """Compile a loop now (or load it from numba's cache) for bfloat16 and float32 bits:
     ``{T}`` in ``signature`` is uint16, then uint32. Compiling at import keeps the
@@ -228,8 +236,7 @@ def prune_window(x, base, out, lo_key, hi_key, lo_span, hi_span, seen, scale, fa
             is_hi = key == hi_key
             is_lo = (key == lo_key) & ~is_hi
             keep = ((lo_key < key) & (key < hi_key)) | (is_lo & keep_lo) | (is_hi & keep_hi)
-            kept = _round(_load(v) * factor, v) if scale else v
-            o[j] = kept if keep else _sign(v)
+            o[j] = _pruned(v, keep, scale, factor)
             n_lo += is_lo
             n_hi += is_hi
         seen[0], seen[1] = s_lo + n_lo, s_hi + n_hi
@@ -246,8 +253,7 @@ def prune_window(x, base, out, lo_key, hi_key, lo_span, hi_span, seen, scale, fa
                 s_lo += 1
             else:
                 continue
-            kept = _round(_load(v) * factor, v) if scale else v
-            o[j] = kept if keep else _sign(v)
+            o[j] = _pruned(v, keep, scale, factor)
 
 
 @numba.njit(inline="always", **_JIT)
@@ -268,8 +274,7 @@ def prune_random(x, base, out, key, start, threshold, scale, factor):
     kept delta is multiplied by ``factor`` (rounded)."""
     for i in range(x.size):
         v = _round(_load(x[i]) - _load(base[i]), x[i])
-        kept = _round(_load(v) * factor, v) if scale else v
-        out[i] = kept if _uniform24(key, _U64(start + i)) < threshold else _sign(v)
+        out[i] = _pruned(v, _uniform24(key, _U64(start + i)) < threshold, scale, factor)
 
 
 @numba.njit(inline="always", **_JIT)
@@ -374,8 +379,8 @@ def _della_row(x, base, start, key, table, work):
     of |delta| in the row."""
     d, keys, ranks, scratch, counts, keep = work
     n = x.size
+    _deltas(x, base, d)
     for j in range(n):
-        d[j] = _round(_load(x[j]) - _load(base[j]), x[j])
         keys[j] = _U32(_magnitude(d[j]))
     _row_ranks(keys[:n], _digit_passes(x[0]), ranks, scratch, counts)
     step = np.float32(2.0**-24)
@@ -409,9 +414,7 @@ def prune_della(x, base, out, row, key, start, table, scale, factor):
         o = out[lo : lo + row]
         _della_row(x[lo : lo + row], base[lo : lo + row], start + lo, key, table, work)
         for j in range(row):
-            v = d[j]
-            kept = _round(_load(v) * factor, v) if scale else v
-            o[j] = kept if keep[j] else _sign(v)
+            o[j] = _pruned(d[j], keep[j], scale, factor)
 
 
 @_loop("UniTuple(float64, 2)({T}[::1], {T}[::1], int64, uint64, int64, float32[::1])")
@@ -452,6 +455,25 @@ def count_ties(x, base, lo_key, hi_key, seen):
 
 
 @numba.njit(inline="always", **_JIT)
+def _term(x, b, w, are_deltas, d):
+    """One model's weighted delta in D: ``x`` (a delta) or ``x - b``, rounded, times ``w``."""
+    delta = _load(x) if are_deltas else _rounded(_load(x) - b, d)
+    return _rounded(delta * w, d)
+
+
+@numba.njit(inline="always", **_JIT)
+def _finish(total, b, normalize, divisor, lam, d, like):
+    """``combine``'s steps after the sum of weighted deltas, each rounded to D: the sum,
+    / divisor, * lam, + base; then to the output's dtype (``like``)."""
+    q = _rounded(total, d)
+    if normalize:
+        q = _rounded(q / divisor, d)
+    if lam != 1:
+        q = _rounded(q * lam, d)
+    return _round(_rounded(b + q, d), like)
+
+
+@numba.njit(inline="always", **_JIT)
 def _elect_tile(wd, weights, b, o, n, normalize, lam, mixed, total, div, d):
     """One tile of ``combine`` with ``elect`` (TIES) from its weighted deltas ``wd[m, :n]``
     (fp32 values of D, whose bits are ``d``'s kind)."""
@@ -473,25 +495,9 @@ def _elect_tile(wd, weights, b, o, n, normalize, lam, mixed, total, div, d):
             agree = np.float32(((x > 0) == (total[j] >= 0)) & (x != 0))
             mixed[j] += x * agree
             div[j] += agree * w
-    for j in range(n):
+    for j in range(n):  # the agreeing weights' sum, in D, a zero sum as 1
         dv = _rounded(div[j], d)
-        div[j] = dv + np.float32(dv == 0)
-    for j in range(n):
-        mixed[j] = _rounded(mixed[j], d)
-    if normalize:
-        for j in range(n):
-            mixed[j] = _rounded(mixed[j] / div[j], d)
-    _finish_tile(mixed, b, o, n, lam, d)
-
-
-@numba.njit(inline="always", **_JIT)
-def _finish_tile(mixed, b, o, n, lam, d):
-    """``o`` = base + lam * mixed, each step rounded to D, then to the output."""
-    if lam != 1:
-        for j in range(n):
-            mixed[j] = _rounded(mixed[j] * lam, d)
-    for j in range(n):  # the sum in D, then (when the output is stored narrower) to the output
-        o[j] = _round(_rounded(_load(b[j]) + mixed[j], d), o[j])
+        o[j] = _finish(mixed[j], _load(b[j]), normalize, dv + np.float32(dv == 0), lam, d, o[j])
 
 
 # (stored, working dtype D) bits of ``combine``: bfloat16 in bfloat16, float32 in float32, and
@@ -508,25 +514,6 @@ def _combine_signatures() -> list:
                    numba.int64, numba.int64, b, b, f32, f32, b, d)
         for t, d in STORED_IN
     ]  # fmt: skip
-
-
-@numba.njit(inline="always", **_JIT)
-def _term(x, b, w, are_deltas, d):
-    """One model's weighted delta in D: ``x`` (a delta) or ``x - b``, rounded, times ``w``."""
-    delta = _load(x) if are_deltas else _rounded(_load(x) - b, d)
-    return _rounded(delta * w, d)
-
-
-@numba.njit(inline="always", **_JIT)
-def _finish(total, b, normalize, divisor, lam, d, like):
-    """``combine``'s steps after the sum of weighted deltas, each rounded to D: the sum,
-    / divisor, * lam, + base; then to the output's dtype (``like``)."""
-    q = _rounded(total, d)
-    if normalize:
-        q = _rounded(q / divisor, d)
-    if lam != 1:
-        q = _rounded(q * lam, d)
-    return _round(_rounded(b + q, d), like)
 
 
 @numba.njit(inline="always", **_JIT)
@@ -613,11 +600,7 @@ def combine(base, xs, weights, out, start, stop, elect, normalize, divisor, lam,
             _elect_tile(wd, weights, b, o, n, normalize, lam, mixed, total, div, d)
             continue
         for j in range(n):
-            mixed[j] = _rounded(mixed[j], d)
-        if normalize:
-            for j in range(n):
-                mixed[j] = _rounded(mixed[j] / divisor, d)
-        _finish_tile(mixed, b, o, n, lam, d)
+            o[j] = _finish(mixed[j], _load(b[j]), normalize, divisor, lam, d, o[j])
 
 
 @_loop("void({T}[:, ::1], {T}[::1])")

@@ -127,9 +127,7 @@ def _fold_fused(kind: str, acc: dict, x, base, m: int, ctx, stats, density: floa
     pass, or a DARE or DELLA block's L1 terms."""
     x, b = tensors.bits(x), tensors.bits(base)
     if kind == "l1" and GTA[ctx.method].sparsifier == "della_magprune":
-        key = stream_key(ctx.seed, ctx.tensor, m)[0]
-        table = _della_table(ctx, density, epsilon)
-        acc.setdefault(m, []).append(fused.l1_della(x, b, ctx.row, key, ctx.offset, table))
+        acc.setdefault(m, []).append(fused.l1_della(x, b, *_della_keep(ctx, m, density, epsilon)))
         return
     if kind == "l1":
         acc.setdefault(m, []).append(fused.l1_random(x, b, *_random_keep(ctx, m, density)))
@@ -320,12 +318,15 @@ def _row_ranks(rows: torch.Tensor) -> np.ndarray:
     return ranks
 
 
-def _della_table(ctx: BlockContext, density: float, epsilon: float) -> np.ndarray:
-    """The compiled loops' keep probability by rank (fp32, ``_della_probs``); nothing is
-    kept at density <= 0, as ``_sparsify`` keeps nothing there."""
+def _della_keep(ctx: BlockContext, m: int, density: float, epsilon: float) -> tuple:
+    """DELLA's keep rule for model ``m``'s block, as the compiled loops take it: (row length,
+    stream key, first element index, keep probability by rank in fp32 (``_della_probs``);
+    nothing is kept at density <= 0, as ``_sparsify`` keeps nothing there)."""
     if density <= 0:
-        return np.zeros(ctx.row, np.float32)
-    return _della_probs(ctx.row, density, epsilon, _work_dtype(ctx.work_dtype))[0]
+        table = np.zeros(ctx.row, np.float32)
+    else:
+        table = _della_probs(ctx.row, density, epsilon, _work_dtype(ctx.work_dtype))[0]
+    return ctx.row, stream_key(ctx.seed, ctx.tensor, m)[0], ctx.offset, table
 
 
 @functools.lru_cache(maxsize=64)
@@ -412,10 +413,7 @@ def _prune_fused(x, base, out, m, ctx, stats, state, density, gamma, epsilon, fa
         if density <= 0:
             out.zero_()
             return
-        key = stream_key(ctx.seed, ctx.tensor, m)[0]
-        fused.prune_della(
-            xb, bb, ob, ctx.row, key, ctx.offset, _della_table(ctx, density, epsilon), scale, factor
-        )
+        fused.prune_della(xb, bb, ob, *_della_keep(ctx, m, density, epsilon), scale, factor)
         return
     lo, hi = _rank_window(sparsifier, int(np.prod(ctx.shape)), density, gamma or 0.0)
     if hi <= lo:
