@@ -275,6 +275,21 @@ def test_parallel_ranges_cover_the_block_in_aligned_parts():
     assert all(lo % 1000 == 0 for lo, _ in parts)
 
 
+def test_the_default_thread_count_outlives_the_pool_threads():
+    """Pool threads run torch on one thread, and torch.set_num_threads(1) there becomes the
+    count of every thread torch meets later: a thread count read from torch made the next
+    merge in the process (a batch's compute thread, say) run on one core."""
+    import threading
+
+    expected = parallel.thread_count()
+    parallel.run(lambda lo, hi: torch.ones(hi - lo).sum(), 4 * parallel.MIN_PART)  # pool threads
+    seen = []
+    later = threading.Thread(target=lambda: seen.append((parallel.thread_count(), torch.ones(1).sum())))
+    later.start()
+    later.join()
+    assert seen[0][0] == expected
+
+
 def test_multislerp_hand_derived():
     # norms 1 and 2; unit vectors [1,0], [0,1]; mean of units [0.5,0.5] -> direction
     # [1,1]/sqrt(2); mean norm 0.5*1 + 0.5*2 = 1.5 -> 1.5/sqrt(2) = 1.0606601717798212 each

@@ -8,12 +8,14 @@ OpenMP.
 
 Torch-free: a merge whose jobs are all compiled loops over the stored bytes never imports
 torch (``methods.direct``). The thread count is ``set_threads``' (``--threads``), else
-torch's once torch is loaded (which honours OMP_NUM_THREADS), else the CPUs this process
-may run on.
+OMP_NUM_THREADS, else the CPUs this process may run on: fixed for the process. (Not
+torch's count: a pool thread's ``torch.set_num_threads(1)`` also becomes the count of
+every thread torch meets later, so after one merge the next would have run on one core.)
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import threading
@@ -47,11 +49,11 @@ def thread_count() -> int:
     """The threads parts may use here: 1 in a pool thread."""
     if (n := getattr(_local, "threads", None)) is not None:
         return n
-    if _count:
-        return _count
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        return torch.get_num_threads()
+    return _count or _default()
+
+
+@functools.cache
+def _default() -> int:
     env = os.environ.get("OMP_NUM_THREADS", "")
     return int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
 
