@@ -82,8 +82,9 @@ def streams(slots: list[Slot], budget: int, workers: int = 1):
     columns = list(zip(*(s.plan.jobs for s in slots)))  # per tensor: one job per member
     every = [j for col in columns for j in col]
     block = compute_block(every, budget, workers)
-    # Per worker, as the plan counts it: a combine block's or a statistics block's scratch.
-    scratch = workers * max((compute_scratch(j, block) for j in every), default=0)
+    # Per worker, as the plan counts it: a combine block's or a statistics block's scratch
+    # (members fold one statistics block at a time).
+    scratch = workers * max((compute_scratch(j, block, folds=1) for j in every), default=0)
     per_elem = max(
         (2 * _in_item(col) + 2 * sum(ITEMSIZE[j.out_dtype] for j in col) for col in columns), default=1
     )

@@ -630,7 +630,7 @@ def merge_tensors(
 
     from .checkpoint import TensorRef
     from .methods.tensors import DTYPES
-    from .plan import _streaming
+    from .plan import STAT_FOLDS, _streaming
 
     spec = SPECS[method]
 
@@ -652,7 +652,7 @@ def merge_tensors(
     refs = tuple(TensorRef("<memory>", 0, code, shape) for _ in xs)
     job = Job(name, method, refs, base_index, input_params, shared, work, out_code, shape, 0, 0)
     n = job.numel
-    job = _streaming(job, max(n, 1), block_elems, 0)
+    job = _streaming(job, max(n, 1), block_elems, 0, STAT_FOLDS)
     if chunk_elems:  # a caller-chosen chunk must still hold whole statistics blocks
         unit = max(job.stat_block_elems, job.block_elems)
         job = replace(job, chunk_elems=max(unit, chunk_elems // unit * unit))

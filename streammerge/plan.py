@@ -52,6 +52,9 @@ TORCH_NBYTES = 204 << 20
 # order of its own): linear's divisor is made without torch only up to here
 IN_ORDER_SUM = 4
 STAT_SLACK_WORDS = 6  # statistics folds: few, block-sized temporaries
+# Statistics blocks the scratch holds at once where they are larger than the combine's
+# (slerp's 1M-element blocks): with one, the folds ran one block at a time on one core
+STAT_FOLDS = 2
 MIN_MAX_MEMORY = 8 << 20
 
 
@@ -71,11 +74,13 @@ class Job:
     shard: int  # index into Layout.shards
     offset: int  # absolute byte offset of the tensor's data in the shard file
     # How the executor streams it (set with the estimate): statistics passes before the
-    # combine pass; elements per read chunk, per compute block, per statistics block.
+    # combine pass; elements per read chunk, per compute block, per statistics block; how
+    # many statistics blocks fold at once where they outgrow the combine's scratch.
     passes: int = 0
     chunk_elems: int = 0
     block_elems: int = 0
     stat_block_elems: int = 0
+    stat_folds: int = 1
 
     @property
     def numel(self) -> int:
@@ -436,14 +441,15 @@ def _resident_buffers(jobs: tuple[Job, ...]) -> int:
 
 def _estimate(jobs: tuple[Job, ...], budget: int) -> Estimate:
     block = compute_block(jobs, budget)
-    scratch = max((compute_scratch(j, block) for j in jobs), default=0)
+    folds = _stat_folds(jobs, block, budget)
+    scratch = max((compute_scratch(j, block, folds) for j in jobs), default=0)
     derive = max((scratch_nbytes(t) for j in jobs for t in j.inputs), default=0)
     per_elem = max((_buffer_bytes(j) for j in jobs), default=1)
     chunk = (budget - scratch - derive) // per_elem // block * block
     if chunk < block:
         need = scratch + derive + block * per_elem
         raise BudgetError(f"--max-memory {budget} bytes is too small for this plan; it needs at least {need}")
-    jobs = tuple(_balanced(_streaming(j, chunk, block, budget)) for j in jobs)
+    jobs = tuple(_balanced(_streaming(j, chunk, block, budget, folds)) for j in jobs)
     read_set = max((min(j.chunk_elems, j.numel) * _in_item(j) for j in jobs), default=0)
     write_buf = max((min(j.chunk_elems, j.numel) * ITEMSIZE[j.out_dtype] for j in jobs), default=0)
     reads = sum(t.nbytes * (1 if j.resident else j.passes + 1) for j in jobs for t in j.inputs)
@@ -476,16 +482,30 @@ def _block_words(j: Job) -> int:
     return max(1, words)
 
 
-def compute_scratch(j: Job, block: int) -> int:
+def compute_scratch(j: Job, block: int, folds: int | None = None) -> int:
     """Bytes of ``j``'s compute scratch with ``block``-element compute blocks. Statistics
     passes run on their own fixed blocks (slerp: 1M elements, rows: whole rows), which can
-    be larger than the combine block: scratch covers the largest. Statistics folds make
-    few, block-sized temporaries: little heap slack."""
+    be larger than the combine block: scratch covers the largest, ``folds`` of them (the
+    job's ``stat_folds`` by default) folding on several cores at once. Statistics folds
+    make few, block-sized temporaries: little heap slack."""
     words, slack = _scratch_words(j)
     if not words:
         return 0
     stat, blk = _blocks(j, block)
-    return max(blk * (words + slack), stat * (words + min(slack, STAT_SLACK_WORDS))) * 4
+    folds = j.stat_folds if folds is None else folds
+    return max(blk * (words + slack), folds * _stat_scratch(stat, words, slack)) * 4
+
+
+def _stat_folds(jobs, block: int, budget: int) -> int:
+    """STAT_FOLDS where their scratch fits a quarter of the budget, as ``compute_block``
+    sizes the combine's; else 1 (a small budget keeps its smallest scratch)."""
+    wide = max((compute_scratch(j, block, STAT_FOLDS) for j in jobs), default=0)
+    return STAT_FOLDS if wide <= budget // 4 else 1
+
+
+def _stat_scratch(stat: int, words: int, slack: int) -> int:
+    """Words of one statistics block's fold."""
+    return stat * (words + min(slack, STAT_SLACK_WORDS))
 
 
 def copies(j: Job) -> bool:
@@ -541,13 +561,13 @@ def _scratch_words(j: Job) -> tuple[int, int]:
 
 def fold_window(j: Job) -> int:
     """Statistics blocks of ``j`` that may be folded at once: as many as fit in the
-    scratch its combine blocks are given (the plan counts the larger of the two); any
-    number for loops that fold views of the read set."""
+    scratch the plan counts (``compute_scratch``); any number for loops that fold views of
+    the read set."""
     words, slack = _scratch_words(j)
     if not words:
         return sys.maxsize
-    stat = max(j.stat_block_elems, 1) * (words + min(slack, STAT_SLACK_WORDS))
-    return max(1, j.block_elems * (words + slack) // stat)
+    one = _stat_scratch(max(j.stat_block_elems, 1), words, slack)
+    return max(1, compute_scratch(j, j.block_elems) // 4 // one)
 
 
 def _blocks(j: Job, block: int) -> tuple[int, int]:
@@ -564,9 +584,10 @@ def _blocks(j: Job, block: int) -> tuple[int, int]:
     return block, block
 
 
-def _streaming(j: Job, chunk: int, block: int, budget: int) -> Job:
+def _streaming(j: Job, chunk: int, block: int, budget: int, folds: int = 1) -> Job:
     """Fix a job's passes and its chunk/block sizes: statistics passes need fixed blocks
-    aligned to the tensor start (or whole rows), so every chunk holds whole blocks."""
+    aligned to the tensor start (or whole rows), so every chunk holds whole blocks;
+    ``folds`` statistics blocks fold at once."""
     from dataclasses import replace
 
     spec = SPECS.get(j.method)
@@ -579,7 +600,7 @@ def _streaming(j: Job, chunk: int, block: int, budget: int) -> Job:
             f" --max-memory {budget} bytes cannot hold; raise --max-memory"
         )
     return replace(j, passes=passes, chunk_elems=chunk // unit * unit or chunk, block_elems=blk,
-                   stat_block_elems=stat)  # fmt: skip
+                   stat_block_elems=stat, stat_folds=folds)  # fmt: skip
 
 
 def _balanced(j: Job) -> Job:

@@ -116,9 +116,9 @@ EXAMPLES = [
 def test_methods_side_by_side_in_one_batch_match_their_separate_merges(small, tmp_path, monkeypatch):
     """Example configs with statistics passes, random draws, row blocks and slices in one
     batch: members run side by side on single-threaded workers in sub-chunk steps, and
-    each output equals that config merged alone. 200 MiB streams the 2M-element embedding
-    in chunks (two compute scratches of 64 MiB for slerp's 1M-element statistics
-    blocks, the union of inputs, 2 write buffers for each of the 9 members), so statistics
+    each output equals that config merged alone. 160 MiB streams the 2M-element embedding
+    in chunks (two compute scratches for slerp's 1M-element statistics blocks, the union
+    of inputs, 2 write buffers for each of the 9 members; 180 MiB holds it), so statistics
     passes re-read it; steps of 64K elements split every chunk further."""
     import streammerge.batch_pass
 
@@ -128,7 +128,7 @@ def test_methods_side_by_side_in_one_batch_match_their_separate_merges(small, tm
     for stem in EXAMPLES:
         text = (configs / f"{stem}.yml").read_text().replace("demo-out/models/", f"{small['base'].parent}/")
         members.append(Member(stem, str(write_config(tmp_path / f"{stem}.yml", text))))
-    summary = run_batch(members, tmp_path / "b", max_memory=200 << 20, threads=2, seed=5)
+    summary = run_batch(members, tmp_path / "b", max_memory=160 << 20, threads=2, seed=5)
     assert summary.failed == {}
     assert summary.read_nbytes > input_nbytes(small)  # chunked: statistics passes re-read
     for m in members:

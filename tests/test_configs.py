@@ -62,7 +62,7 @@ def _streaming_budget(path: Path) -> int:
     method = yaml.safe_load(path.read_text())["merge_method"]
     large_stats = method in streammerge.methods.GTA or method in ("sce", "arcee_fusion")
     if method == "slerp":
-        return 72 << 20
+        return 48 << 20
     return 32 << 20 if large_stats and method != "task_arithmetic" else 12 << 20
 
 

@@ -13,6 +13,10 @@ the base model; KNOWN_DIFFERENCES tolerates a bounded fraction of differing elem
 By default: every configs/*.yml, and every tests/configs/*.yml marked with PARITY_MARK
 (slices, gradients, filters; as written only).
 
+mergekit runs with one torch thread (``OMP_NUM_THREADS=1``): torch adds a large reduction's
+per-thread partial sums, so mergekit's own whole-tensor norms and sums (slerp's, for one)
+depend on its thread count; streammerge's do not (one-thread sums, or fixed fp64 blocks).
+
 Exit status 1 if any row FAILs. ``make parity`` builds the mergekit venv and runs this.
 """
 
@@ -198,9 +202,10 @@ def run_tools(config: Path, work: Path, out: Path, mk_python: Path, random: bool
     mk_cmd = [str(mk_python.parent / "mergekit-yaml"), str(config), str(out / "mk")]
     mk_cmd += ["--random-seed", "0"] if random else []
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    envs = {"streammerge": env, "mergekit": env | {"OMP_NUM_THREADS": "1"}}  # the module docstring says why
     procs = {
         tool: subprocess.Popen(
-            cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            cmd, cwd=work, env=envs[tool], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         for tool, cmd in (("streammerge", sm_cmd), ("mergekit", mk_cmd))
     }

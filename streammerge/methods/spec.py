@@ -261,12 +261,12 @@ SPECS: dict[str, MethodSpec] = {
             max_inputs=2,
             passes=_slerp_passes,
             stat_block=1 << 20,
-            # its eager fp32 copies and products; measured at 1.5-6 GB per model they hold
-            # more at peak (the plan's estimate is 6-9% under it), but more words would not
-            # fit the 1M-element statistics blocks in a 64 MiB budget: compiled loops are
-            # the fix
+            # eager (float64, or off the CPU): its fp32 copies and products
             scratch_per_input=3,
             scratch_fixed=2,
+            # compiled loops: a float32 copy of each input in the norms' pass (and a D copy
+            # in the combine when it converts), the products or the output
+            compiled=_on_bf16_f32(1, 1),
             summary="spherical interpolation from the base (t = 0) to the other model (t = 1)",
         ),  # fmt: skip
         MethodSpec(
