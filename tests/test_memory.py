@@ -1,7 +1,8 @@
 """Memory: peak stays at budget + fixed overhead while inputs are many times the budget.
 
-Each merge runs in a fresh subprocess that reports its RSS after imports (the fixed
-overhead: interpreter, torch, numpy, numba and the compiled loops) and its peak RSS
+Each merge runs in a fresh subprocess that reports its RSS after imports and a merge of
+tiny models with the same config (the fixed overhead: interpreter, torch, numpy, numba
+and the compiled loops the config runs, which load on their first call) and its peak RSS
 (``VmHWM``) after the merge.
 
 The probe faults in every file it has mapped (the libraries) before taking its baseline:
@@ -28,6 +29,7 @@ from streammerge.plan import HEAP_FIXED_NBYTES
 
 # 67M parameters, 134 MB in bf16 per model: three inputs are 25x a 16 MiB budget.
 MEDIUM = ModelSpec(layers=4, hidden=1024, intermediate=2816, vocab=8192, heads=16, kv_heads=8)
+TINY = ModelSpec(layers=1, hidden=64, intermediate=128, vocab=256, heads=2, kv_heads=1)
 BUDGET = 16 << 20
 # thread stacks, page tables and Python objects beyond the tensor buffers, and the heap's
 # fragmentation, which the plan counts beside the budget (plan.HEAP_FIXED_NBYTES)
@@ -39,7 +41,8 @@ PROBE = textwrap.dedent("""
     import streammerge.execute as ex
     from streammerge.methods import get_kernel
     torch.ones(1 << 16).sum()  # warm torch's allocator and thread pool
-    get_kernel("linear")  # the kernels and their compiled loops: part of the runtime
+    get_kernel("linear")  # the kernels: part of the runtime
+    ex.merge(sys.argv[4], sys.argv[2] + "-warm", max_memory=int(sys.argv[3]), threads=2)  # and their loops
     libc = ctypes.CDLL(None)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     for line in open("/proc/self/maps"):  # MADV_POPULATE_READ (Linux 5.14): fail is harmless
@@ -54,12 +57,10 @@ PROBE = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def medium(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("medium")
-    for name, seed in (("base", None), ("ft1", 1), ("ft2", 2)):
-        write_checkpoint(root / name, MEDIUM, model_seed=seed, tokenizer=False)
-    cfg = root / "ties.yml"
+def _task_arithmetic(root: Path, spec: ModelSpec, name: str) -> Path:
+    for model, seed in (("base", None), ("ft1", 1), ("ft2", 2)):
+        write_checkpoint(root / model, spec, model_seed=seed, tokenizer=False)
+    cfg = root / name
     cfg.write_text(
         f"merge_method: task_arithmetic\nbase_model: {root / 'base'}\nmodels:\n"
         f"  - model: {root / 'ft1'}\n    parameters: {{weight: 0.6}}\n"
@@ -69,9 +70,20 @@ def medium(tmp_path_factory) -> Path:
     return cfg
 
 
-def test_peak_rss_is_budget_plus_fixed_overhead(medium, tmp_path):
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory) -> Path:
+    return _task_arithmetic(tmp_path_factory.mktemp("medium"), MEDIUM, "ties.yml")
+
+
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory) -> Path:
+    """Tiny models merged as ``medium`` is: the probe loads the config's loops with them."""
+    return _task_arithmetic(tmp_path_factory.mktemp("tiny"), TINY, "warm.yml")
+
+
+def test_peak_rss_is_budget_plus_fixed_overhead(medium, warm, tmp_path):
     r = subprocess.run(
-        [sys.executable, "-c", PROBE, str(medium), str(tmp_path / "out"), str(BUDGET)],
+        [sys.executable, "-c", PROBE, str(medium), str(tmp_path / "out"), str(BUDGET), str(warm)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     got = json.loads(r.stdout)
@@ -125,12 +137,12 @@ def other_formats(medium, tmp_path_factory) -> Path:
     return cfg
 
 
-def test_bin_f8_and_adapter_inputs_stay_within_the_budget(other_formats, tmp_path):
+def test_bin_f8_and_adapter_inputs_stay_within_the_budget(other_formats, warm, tmp_path):
     """Four inputs (600 MB read) through a 24 MiB budget: .bin ranges, F8 blocks and LoRA
     deltas are all derived in blocks, so the peak is the plan's estimate, not the inputs."""
     budget = 24 << 20
     r = subprocess.run(
-        [sys.executable, "-c", PROBE, str(other_formats), str(tmp_path / "out"), str(budget)],
+        [sys.executable, "-c", PROBE, str(other_formats), str(tmp_path / "out"), str(budget), str(warm)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     got = json.loads(r.stdout)

@@ -23,6 +23,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core.compiler_lock import global_compiler_lock
 from numba.extending import intrinsic, overload
 
 _JIT = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
@@ -177,11 +178,36 @@ def _pruned(v, keep, scale, factor):
     return kept if keep else _sign(v)
 
 
+def declared(signatures: list):
+    """A compiled loop for exactly ``signatures``, compiled (or loaded from numba's cache)
+    on its first call, not at import: ``numba.njit(signatures)`` compiled every loop of every
+    kernel module a merge imported, ~70 s on 2 cores after a fresh install (a linear merge
+    now compiles its one loop). A loop compiled before then that calls this one compiles it
+    for the types it passes; from the first call on it takes exactly ``signatures``, the
+    arguments converted to them as ``numba.njit(signatures)`` converts them (a Python float
+    to float32, say)."""
+
+    def deco(fn):
+        dispatcher = numba.njit(**_JIT)(fn)
+
+        def first_call(*args, **kws):
+            with global_compiler_lock:  # a loop being compiled that calls this one waits
+                if dispatcher._can_compile:
+                    for signature in signatures:
+                        dispatcher.compile(signature)
+                    dispatcher.disable_compile()
+            return dispatcher  # numba calls what this returns with the arguments
+
+        # numba calls this when no compiled signature matches a call from Python
+        dispatcher._compile_for_args = first_call
+        return dispatcher
+
+    return deco
+
+
 def _loop(signature: str):
-    """Compile a loop now (or load it from numba's cache) for bfloat16 and float32 bits:
-    ``{T}`` in ``signature`` is uint16, then uint32. Compiling at import keeps the
-    compiler's memory and time out of the merge that follows."""
-    return numba.njit([signature.format(T=t) for t in ("uint16", "uint32")], **_JIT)
+    """A loop for bfloat16 and float32 bits: ``{T}`` in ``signature`` is uint16, then uint32."""
+    return declared([signature.format(T=t) for t in ("uint16", "uint32")])
 
 
 @_loop("void({T}[::1], {T}[::1], int64, int64, int64[::1])")
@@ -553,7 +579,7 @@ def _combine_few(base, xs, weights, out, start, stop, normalize, divisor, lam, a
             o[j] = _finish(total, b, normalize, divisor, lam, d, o[j])
 
 
-@numba.njit(_combine_signatures(), **_JIT)
+@declared(_combine_signatures())
 def combine(base, xs, weights, out, start, stop, elect, normalize, divisor, lam, are_deltas, d):
     """``gta.combine_eager`` with each torch op's rounding: the weighted deltas summed —
     with ``elect`` (TIES) only those whose sign agrees with the sum's — divided (when
@@ -682,7 +708,7 @@ def _weighted(acc, divisor, has_divisor, like):
     return _round(acc / divisor if has_divisor else acc, like)
 
 
-@numba.njit(_weighted_sum_signatures(), **_JIT)
+@declared(_weighted_sum_signatures())
 def weighted_sum(xs, weights, out, divisor_bits):
     """``linear``'s loop: ``out`` = the eager ops' bits: acc = +0, then fma(x, c, acc) per input in order, then
     acc / divisor when ``divisor_bits`` is not 0's (float32 bits of Σ c, as torch sums

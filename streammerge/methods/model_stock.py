@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import direct, register, tensors
-from .fused import stock_combine, stock_sums
+from .fused import stock_combine
 
 
 def _offsets(xs, base_index):
@@ -55,18 +55,6 @@ def _t(cos_theta: torch.Tensor, count: int) -> torch.Tensor:
 
 def _pairs(n: int):
     return [(i, j) for i in range(n) for j in range(i + 1, n)]
-
-
-def _warm() -> None:
-    """Compile (or load from numba's cache) the loops for two fine-tunes now, so the
-    compiler's time and memory stay out of a merge."""
-    for dtype in (torch.bfloat16, torch.float32):
-        x = tensors.bits(torch.zeros(4, dtype=dtype))
-        stock_sums(x, (x, x), 4, np.empty((1, 3)))
-        stock_combine(x, (x, x), np.float32(0), np.float32(1), np.float32(2), x.copy())
-
-
-_warm()
 
 
 def model_stock_fold(i, acc, xs, *, base_index, filter_wise=False, span=None):

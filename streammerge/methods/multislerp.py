@@ -132,20 +132,6 @@ def _combine(base, xs, has_base, divisors, weights, mean_norm, scale, out):
             o[j] = _round(r + _load(b[j]), b[j]) if has_base else _round(r, b[j])
 
 
-def _warm() -> None:
-    """Compile (or load from numba's cache) the loops for two inputs now, so the
-    compiler's time and memory stay out of a merge."""
-    for dtype in (torch.bfloat16, torch.float32):
-        x = tensors.bits(torch.zeros(4, dtype=dtype))
-        two, ones = (x, x), np.ones(2, np.float32)
-        _square_sums(x, two, True, np.empty(2))
-        _mean_square_sum(x, two, True, ones, ones, np.empty(1))
-        _combine(x, two, True, ones, ones, np.float32(1), np.float32(1), x.copy())
-
-
-_warm()
-
-
 def _compiled(xs, base_index) -> bool:
     n = len(xs) - (base_index is not None)
     return tensors.supports(xs[0]) and fast_combine_exact(xs[0].dtype, n)

@@ -33,7 +33,7 @@ from numba import types
 from numba.extending import overload
 
 from . import register, tensors
-from .fused import _JIT, TILE, _add_lanes, _deltas, _load, _loop, _round, _rounded
+from .fused import _JIT, TILE, _add_lanes, _deltas, _load, _loop, _round, _rounded, declared
 
 EPS = 1e-8
 
@@ -276,7 +276,7 @@ def flat_blocks(x0, x1, base, has_base, span, n0, n1, out):
             out[k, 0] = flat_dot(x0[lo:hi], x1[lo:hi], base[lo:hi], has_base, n0, n1)
 
 
-@numba.njit("void(float64[:, ::1], float64[:, ::1], int64, boolean)", **_JIT)
+@declared(["void(float64[:, ::1], float64[:, ::1], int64, boolean)"])
 def join_columns(part, acc, first, fresh):
     """Add a block's per-column sums ``part`` onto ``acc`` (set it on the tensor's first
     block): ``part`` is by column when it holds every column, else by element from ``first``

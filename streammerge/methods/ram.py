@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import register
-from .fused import _JIT, TILE, _f32, _load, _model, _round, _rounded
+from .fused import _JIT, TILE, _f32, _load, _model, _round, _rounded, declared
 from .gta import fast_combine_exact
 from .tensors import KEY, addresses, bits, supports
 
@@ -105,7 +105,7 @@ def _tile(xs, size, kind, base_index, lo, n, eps, tv, count, lam, plus, acc):
     return base
 
 
-@numba.njit(_signatures("same"), **_JIT)
+@declared(_signatures("same"))
 def _ram(xs, kind, base_index, eps_bits, lam, out):
     """``out`` = the eager ``ram`` ops' bits (``lam`` unused)."""
     eps, models = _f32(eps_bits), xs.size - 1
@@ -121,7 +121,7 @@ def _ram(xs, kind, base_index, eps_bits, lam, out):
             o[j] = _round(_load(base[j]) + _rounded(acc[j], base[j]), base[j])
 
 
-@numba.njit(_signatures("f32"), **_JIT)
+@declared(_signatures("f32"))
 def _ramplus(xs, kind, base_index, eps_bits, lam, out):
     """``out`` (float32, as mergekit's ops leave it) = the eager ``ramplus_tl`` ops' values."""
     eps, models = _f32(eps_bits), xs.size - 1
@@ -137,7 +137,7 @@ def _ramplus(xs, kind, base_index, eps_bits, lam, out):
             o[j] = _load(base[j]) + acc[j]
 
 
-@numba.njit([numba.void(numba.int64[::1], t, numba.int64, numba.int64, numba.uint32, numba.int64[:, ::1]) for t in (numba.uint16, numba.uint32)], **_JIT)  # fmt: skip
+@declared([numba.void(numba.int64[::1], t, numba.int64, numba.int64, numba.uint32, numba.int64[:, ::1]) for t in (numba.uint16, numba.uint32)])  # fmt: skip
 def _ramplus_counts(xs, kind, size, base_index, eps_bits, counts):
     """Add to ``counts[0, m]`` the elements model m changes together with others, to
     ``counts[1, m]`` those it changes alone (``size`` elements each)."""
