@@ -64,6 +64,32 @@ def test_prune_window_is_keep_window_then_the_mask_in_any_blocks(dtype, earliest
         assert sum(expect_seen.values()) == counted.sum()
 
 
+@pytest.mark.parametrize("earliest_high", [True, False])
+@pytest.mark.parametrize("dtype", [bf16, f32])
+def test_keep_window_in_any_blocks_keeps_a_stable_sorts_ranks(dtype, earliest_high):
+    """Few magnitude levels, so thousands of ties at each boundary: blocks whose ties lie all
+    inside the window, all outside it, or across its edge, against a stable sort's ranks."""
+    n = 3 * fused.TILE + 171
+    x, base = _pair(dtype, n, seed=5 + int(earliest_high), levels=6)
+    delta = x - base
+    keys = select.magnitude_keys_np(delta).astype(np.int64)
+    ranks = np.empty(n, np.int64)
+    if earliest_high:  # the earliest of equal magnitudes ranks highest
+        ranks[np.argsort(-keys, kind="stable")] = np.arange(n - 1, -1, -1)
+    else:
+        ranks[np.argsort(keys, kind="stable")] = np.arange(n)
+    ordered = np.sort(keys)
+    for rank_lo, rank_hi in [(n // 2, n), (n // 3, n // 3 + 1), (5, n - 7), (0, n), (n // 2, n // 2 + 900)]:
+        bounds = [select.Boundary(int(ordered[r]), int(np.searchsorted(ordered, ordered[r])),
+                                  int(np.count_nonzero(ordered == ordered[r]))) for r in (rank_lo, rank_hi - 1)]  # fmt: skip
+        expect = (ranks >= rank_lo) & (ranks < rank_hi)
+        for seed in range(3):
+            seen: dict = {}
+            parts = [select.keep_window(delta[lo:hi], *bounds, rank_lo, rank_hi, seen, earliest_high)
+                     for lo, hi in _cuts(n, seed, parts=9)]  # fmt: skip
+            assert np.array_equal(np.concatenate(parts), expect), (rank_lo, rank_hi, seed)
+
+
 @pytest.mark.parametrize("dtype", [bf16, f32])
 def test_delta_histogram_is_the_bincount_of_the_keys(dtype):
     x, base = _pair(dtype, 2 * fused.TILE + 5, seed=3, levels=300)

@@ -111,14 +111,18 @@ def keep_window(x: torch.Tensor, lo: Boundary, hi: Boundary, rank_lo: int, rank_
         count = int(np.count_nonzero(tied))
         if not count:
             continue
-        # tie position in flat order (valid where tied); block-sized arrays only, so the
-        # allocator reuses them block after block instead of fragmenting on odd sizes
-        p = np.cumsum(tied, dtype=np.int64)
-        p += seen.get(b.key, 0) - 1
+        before = seen.get(b.key, 0)  # this block's ties are positions [before, before + count)
         first, last = tie_span(b, rank_lo, rank_hi, earliest_high)
-        tied &= (p >= first) & (p < last)
-        mask |= tied
-        seen[b.key] = seen.get(b.key, 0) + count
+        inside = max(0, min(last, before + count) - max(first, before))
+        if 0 < inside < count:  # the window's edge falls in this block: find it
+            # tie position in flat order (valid where tied); block-sized arrays only, so the
+            # allocator reuses them block after block instead of fragmenting on odd sizes
+            p = np.cumsum(tied, dtype=np.int64)
+            p += before - 1
+            tied &= (p >= first) & (p < last)
+        if inside:
+            mask |= tied
+        seen[b.key] = before + count
     return mask
 
 
