@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import tensors
+
 _SIGN_CLEAR = {torch.bfloat16: 0x7FFF, torch.float16: 0x7FFF, torch.float32: 0x7FFFFFFF}
 _INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
@@ -58,12 +60,7 @@ def _bincount(digits: torch.Tensor) -> torch.Tensor:
     a histogram per thread and merges them, 25x slower per 64K-element block with 2 threads."""
     if digits.device.type != "cpu":
         return torch.bincount(digits, minlength=65536)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return torch.bincount(digits, minlength=65536)
-    finally:
-        torch.set_num_threads(threads)
+    return tensors.one_thread(torch.bincount, digits, None, 65536)
 
 
 def locate(counts: np.ndarray, rank: int, below: int = 0) -> tuple[int, int, int]:

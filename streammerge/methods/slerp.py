@@ -51,18 +51,6 @@ def weighted(a, b, coef_a, coef_b, out):
         out[j] = _round(coef_a * _load(a[j]) + coef_b * _load(b[j]), a[j])
 
 
-def _one_thread(fn, *args):
-    """``fn(*args)`` with torch on one thread (its reductions' bits depend on the count)."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        return fn(*args)
-    torch.set_num_threads(1)
-    try:
-        return fn(*args)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _norm(x: torch.Tensor) -> float:
     return torch.linalg.vector_norm(x, dim=1, keepdim=True).item()
 
@@ -88,10 +76,10 @@ def slerp_fold(i, acc, xs, *, stats, base_index, t):
     parts = acc or ([], [])
     if i == 0:
         a, b = _pair(xs, base_index)
-        parts[0].append(_one_thread(_norm, a))
-        parts[1].append(_one_thread(_norm, b))
+        parts[0].append(tensors.one_thread(_norm, a))
+        parts[1].append(tensors.one_thread(_norm, b))
     else:
-        parts[0].append(_one_thread(_dot, xs, base_index, stats[0]))
+        parts[0].append(tensors.one_thread(_dot, xs, base_index, stats[0]))
     return parts
 
 
@@ -113,10 +101,10 @@ def slerp_finish(i, acc, *, ctx, stats, base_index, t):
     """Pass 0 -> (‖A‖, ‖B‖) with tiny norms replaced by 1. Pass 1 -> the two coefficients."""
     dtype = torch.float64 if ctx.work_dtype == torch.float64 else torch.float32
     if i == 0:
-        norm_a = _one_thread(torch.linalg.vector_norm, _stacked(acc[0], dtype), 2, 0)
-        norm_b = _one_thread(torch.linalg.vector_norm, _stacked(acc[1], dtype), 2, 0)
+        norm_a = tensors.one_thread(torch.linalg.vector_norm, _stacked(acc[0], dtype), 2, 0)
+        norm_b = tensors.one_thread(torch.linalg.vector_norm, _stacked(acc[1], dtype), 2, 0)
         return torch.where(norm_a > EPS, norm_a, 1), torch.where(norm_b > EPS, norm_b, 1)
-    dot = _one_thread(torch.sum, _stacked(acc[0], dtype), 0).clamp(-1, 1)
+    dot = tensors.one_thread(torch.sum, _stacked(acc[0], dtype), 0).clamp(-1, 1)
     tt = torch.tensor([t], dtype=torch.float32).reshape(-1, 1).to(dot.dtype)
     linear = dot.abs() > DOT_THRESHOLD
     theta = torch.acos(torch.where(linear, 0, dot))

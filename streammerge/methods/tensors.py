@@ -31,6 +31,19 @@ def bits(x: torch.Tensor) -> np.ndarray:
     return x.contiguous().view(BITS[x.dtype]).reshape(-1).numpy()
 
 
+def one_thread(fn, *args):
+    """``fn(*args)`` with torch on one thread: a reduction's bits, and some kernels' speed,
+    depend on its thread count. The count is restored after."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return fn(*args)
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def addresses(xs: list[torch.Tensor]) -> np.ndarray:
     """The data addresses of contiguous CPU tensors, as a loop taking any number of models
     wants them. The caller keeps the tensors alive while the loop runs."""
