@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import fused, register, tensors
+from .gta import fast_combine_exact
 from .select import Boundary, apply_mask, histogram, keep_window, key_bits, locate, magnitude_keys, refine
 
 
@@ -114,7 +115,7 @@ def sce(xs, *, ctx, stats, state, base_index, select_topk=1.0, int8_mask=False):
         return base
     tvs = _keep(tvs, ctx, stats, state, select_topk)
     weights = stats[-1]
-    if tensors.supports(base) and len(tvs) <= (4 if base.dtype == torch.float32 else 8):  # torch's sum order
+    if tensors.supports(base) and fast_combine_exact(base.dtype, len(tvs)):
         out = torch.empty_like(base, memory_format=torch.contiguous_format)
         w = weights.to(base.dtype).float().numpy()
         fused.sce_combine(tensors.bits(base), tensors.bits(tvs).reshape(len(tvs), -1), w, tensors.bits(out))
