@@ -46,8 +46,10 @@ HEAP_FIXED_NBYTES = 8 << 20
 # Linux x86-64 at 150 MiB (36 MiB before the executor); --max-memory comes on top.
 RUNTIME_NBYTES = 152 << 20
 # torch (CPU build 2.13) and the kernel modules on top of it, loaded only when a job needs
-# them (``torch_free``): measured at 355 MiB in all.
-TORCH_NBYTES = 204 << 20
+# them (``torch_free``). Measured 2026-11-27 over every torch method at 1.5-6 GB per model:
+# 164 MiB; 204 MiB before the compiled loops loaded on first use (a50f991), when importing
+# a kernel module loaded every loop it declares.
+TORCH_NBYTES = 164 << 20
 # torch sums up to this many float32 values in order (beyond, its vectorized sum has an
 # order of its own): linear's divisor is made without torch only up to here
 IN_ORDER_SUM = 4

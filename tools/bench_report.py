@@ -29,7 +29,7 @@ DEFINITIONS = """\
 - **peak RSS**: the child process's high-water mark (`wait4` ru_maxrss), interpreter (and
   torch, where loaded) included. **plan estimate**: `streammerge plan --json`'s
   `estimated_peak_rss_nbytes` (tensor buffers for the same `--max-memory` plus the runtime's
-  measured 152 MiB, and where a job runs a torch kernel torch's 204 MiB and 8 MiB of heap
+  measured 152 MiB, and where a job runs a torch kernel torch's 164 MiB and 8 MiB of heap
   fragmentation); **estimate vs peak** = estimate / peak RSS - 1.
 - **warm**: inputs read through the page cache before each run; **cold**: dropped from it with
   `posix_fadvise(DONTNEED)` before each run (the "cached" column, by `mincore`, shows it worked).
@@ -175,6 +175,7 @@ def header(res: dict) -> list[str]:
         + ")",
         "- models: three Llama-shaped bf16 checkpoints (base, ft1, ft2) per size: " + "; ".join(sizes),
         f"- this process's own peak RSS was {res['bench_peak_rss_mib']:.0f} MiB: no child can report less",
+        *([f"- {res['estimates_note']}"] if res.get("estimates_note") else []),  # set by hand in the json
     ]  # fmt: skip
 
 
