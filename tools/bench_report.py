@@ -9,9 +9,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from streammerge.plan import HEAP_FIXED_NBYTES, RUNTIME_NBYTES, TORCH_NBYTES
+
 MB = 1e6
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
-DEFINITIONS = """\
+DEFINITIONS = f"""\
 - **floor**: read every input file of the method once (`preadv` into a reused 64 MiB buffer),
   then write as many bytes as the merged output (`pwrite`, each range handed to writeback
   with `sync_file_range` as it is written, as streammerge's writer does) and `fsync` them;
@@ -29,7 +31,7 @@ DEFINITIONS = """\
 - **peak RSS**: the child process's high-water mark (`wait4` ru_maxrss), interpreter (and
   torch, where loaded) included. **plan estimate**: `streammerge plan --json`'s
   `estimated_peak_rss_nbytes` (tensor buffers for the same `--max-memory` plus the runtime's
-  measured 152 MiB, and where a job runs a torch kernel torch's 164 MiB and 8 MiB of heap
+  measured {RUNTIME_NBYTES >> 20} MiB, and where a job runs a torch kernel torch's {TORCH_NBYTES >> 20} MiB and {HEAP_FIXED_NBYTES >> 20} MiB of heap
   fragmentation); **estimate vs peak** = estimate / peak RSS - 1.
 - **warm**: inputs read through the page cache before each run; **cold**: dropped from it with
   `posix_fadvise(DONTNEED)` before each run (the "cached" column, by `mincore`, shows it worked).

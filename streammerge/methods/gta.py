@@ -50,7 +50,7 @@ from .select import (
     magnitude_keys,
     magnitude_keys_np,
 )
-from .spec import FUSED_COMBINE_MODELS, GTA
+from .spec import GTA, combines_in_torch_order
 
 RESCALE_EPS = 1e-7
 
@@ -519,7 +519,7 @@ def combine_eager(base, deltas, weights, consensus, normalize, lam, weighted_ele
 def fast_combine_exact(dtype: torch.dtype, n_models: int) -> bool:
     """Whether ``fused.combine`` reproduces ``combine_eager``: it adds the models in order
     into fp32, as torch's ``sum(dim=0)`` does up to ``spec.FUSED_COMBINE_MODELS``."""
-    return n_models <= FUSED_COMBINE_MODELS.get(tensors.CODE.get(dtype), 0)
+    return combines_in_torch_order(tensors.CODE.get(dtype), n_models)
 
 
 for _name in GTA:

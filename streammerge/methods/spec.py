@@ -109,6 +109,12 @@ GTA: dict[str, GTAPreset] = {
 FUSED_COMBINE_MODELS = {"F32": 4, "BF16": 8}
 
 
+def combines_in_torch_order(work_dtype: str | None, n_models: int) -> bool:
+    """Whether the compiled combines add ``n_models`` fine-tunes in working dtype
+    ``work_dtype`` (a safetensors code) in torch's order (``FUSED_COMBINE_MODELS``)."""
+    return n_models <= FUSED_COMBINE_MODELS.get(work_dtype, 0)
+
+
 def _gta_passes(preset: GTAPreset) -> Callable[[str, dict], int]:
     def passes(work_dtype: str, shared: dict) -> int:
         n = 0
@@ -137,7 +143,7 @@ def _gta_compiled(preset: GTAPreset) -> Callable[[str, dict, int], tuple[int, in
         eager = (
             shared.get("rescale_mode") == "density"
             or shared.get("sign_election") == "unweighted"
-            or n_inputs - 1 > FUSED_COMBINE_MODELS.get(work_dtype, 0)
+            or not combines_in_torch_order(work_dtype, n_inputs - 1)
         )
         if eager or work_dtype not in ("BF16", "F32"):
             return None
@@ -165,7 +171,7 @@ def _gta_direct(preset: GTAPreset) -> Callable[[str | None, str, str, dict, tupl
         densities = [p.get("density", 1.0) for p in input_params if "weight" in p]
         pruned = preset.sparsifier is not None and any(d < 1 for d in densities)
         unweighted = shared.get("sign_election") == "unweighted"
-        few = 0 < len(densities) <= FUSED_COMBINE_MODELS.get(work, 0)
+        few = 0 < len(densities) and combines_in_torch_order(work, len(densities))
         return direct_dtypes(stored, work, out) and not pruned and not unweighted and few
 
     return direct
@@ -240,9 +246,7 @@ def _sce_compiled(work_dtype: str, shared: dict, n_inputs: int) -> tuple[int, in
     fine-tunes: the task vectors and their masked copy (a word per input, counting the base
     as the bound), the variances and the output (measured: peak RSS 4-5% under the
     estimate at 1.5 and 2.9 GB per model)."""
-    if n_inputs - 1 > FUSED_COMBINE_MODELS.get(work_dtype, 0):
-        return None
-    return (1, 2)
+    return (1, 2) if combines_in_torch_order(work_dtype, n_inputs - 1) else None
 
 
 def _on_bf16_f32(per_input: int, fixed: int) -> Callable[[str, dict, int], tuple[int, int] | None]:
